@@ -1,0 +1,159 @@
+"""A real thriftpy2 echo server for the tests, run as a subprocess.
+
+It serves ``idl/echo.thrift`` on a loopback port, one thread per connection and no idle
+timeout (thriftpy2's default closes connections idle for 3 s, which would hide what the
+pool does).  A second loopback port takes one-line control commands, so a test can see
+the server side of the pool:
+
+- ``stats``: JSON ``{"open", "accepted", "calls", "peak"}`` (connections open now,
+  accepted in all, calls served, most connections open at once);
+- ``drop``: close every client connection from the server side;
+- ``reset_peak``: set ``peak`` to the current number of open connections.
+
+It prints ``READY <port> <control_port>`` once both ports listen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+import thriftpy2
+from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
+from thriftpy2.thrift import TProcessor
+from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory, TSocket
+
+IDL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   "idl", "echo.thrift")
+echo_thrift = thriftpy2.load(IDL, module_name="echo_thrift")
+
+
+class State:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conns: set = set()
+        self.accepted = 0
+        self.calls = 0
+        self.peak = 0
+
+
+class Handler:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def echo(self, message):
+        return message
+
+    def ping(self):
+        return None
+
+    def sleep(self, ms):
+        time.sleep(ms / 1000.0)
+        return ms
+
+    def whoami(self):
+        return self.name
+
+    def fail(self, message):
+        raise echo_thrift.EchoError(message=message)
+
+
+def serve_connection(sock, state, processor, trans_factory, proto_factory):
+    tsock = TSocket(sock=sock)
+    trans = trans_factory.get_transport(tsock)
+    prot = proto_factory.get_protocol(trans)
+    try:
+        while True:
+            processor.process(prot, prot)
+            with state.lock:
+                state.calls += 1
+    except Exception:
+        pass
+    finally:
+        with state.lock:
+            state.conns.discard(sock)
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+
+def accept_loop(listener, state, processor, trans_factory, proto_factory):
+    while True:
+        sock, _ = listener.accept()
+        with state.lock:
+            state.conns.add(sock)
+            state.accepted += 1
+            state.peak = max(state.peak, len(state.conns))
+        threading.Thread(target=serve_connection, daemon=True,
+                         args=(sock, state, processor, trans_factory, proto_factory)).start()
+
+
+def control_loop(listener, state):
+    while True:
+        sock, _ = listener.accept()
+        with sock, sock.makefile("rw") as f:
+            for line in f:
+                cmd = line.strip()
+                if cmd == "stats":
+                    with state.lock:
+                        reply = {"open": len(state.conns), "accepted": state.accepted,
+                                 "calls": state.calls, "peak": state.peak}
+                elif cmd == "drop":
+                    with state.lock:
+                        conns = list(state.conns)
+                    for c in conns:
+                        try:
+                            c.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                    reply = {"dropped": len(conns)}
+                elif cmd == "reset_peak":
+                    with state.lock:
+                        state.peak = len(state.conns)
+                    reply = {"peak": state.peak}
+                else:
+                    reply = {"error": f"unknown command {cmd!r}"}
+                f.write(json.dumps(reply) + "\n")
+                f.flush()
+
+
+def listen(port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(512)
+    return s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--transport", choices=["buffered", "framed"], default="buffered")
+    parser.add_argument("--protocol", choices=["binary", "compact"], default="binary")
+    args = parser.parse_args()
+    trans_factory = {"buffered": TBufferedTransportFactory,
+                     "framed": TFramedTransportFactory}[args.transport]()
+    proto_factory = {"binary": TBinaryProtocolFactory,
+                     "compact": TCompactProtocolFactory}[args.protocol]()
+    listener = listen(args.port)
+    port = listener.getsockname()[1]
+    control = listen(0)
+    state = State()
+    processor = TProcessor(echo_thrift.Echo, Handler(args.name or f"127.0.0.1:{port}"))
+    threading.Thread(target=control_loop, args=(control, state), daemon=True).start()
+    print(f"READY {port} {control.getsockname()[1]}", flush=True)
+    accept_loop(listener, state, processor, trans_factory, proto_factory)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(0)

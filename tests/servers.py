@@ -1,0 +1,135 @@
+"""Starting, inspecting, killing and restarting real echo servers in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import thriftpy2
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IDL = os.path.join(ROOT, "idl", "echo.thrift")
+SERVER_SCRIPT = os.path.join(ROOT, "tests", "echo_server.py")
+
+echo_thrift = thriftpy2.load(IDL, module_name="echo_thrift")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
+             message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class EchoServer:
+    """One echo server subprocess on a loopback port, with its control channel."""
+
+    def __init__(self, port: int = 0, name: Optional[str] = None,
+                 transport: str = "buffered", protocol: str = "binary") -> None:
+        self.requested_port = port
+        self.name = name
+        self.transport = transport
+        self.protocol = protocol
+        self.proc: Optional[subprocess.Popen] = None
+        self.port = port
+        self.control_port = 0
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> None:
+        cmd = [sys.executable, SERVER_SCRIPT, "--port", str(self.port),
+               "--transport", self.transport, "--protocol", self.protocol]
+        if self.name:
+            cmd += ["--name", self.name]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        result: Dict[str, str] = {}
+
+        def read_ready() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            result["line"] = self.proc.stdout.readline()
+
+        reader = threading.Thread(target=read_ready, daemon=True)
+        reader.start()
+        reader.join(timeout)
+        line = result.get("line", "")
+        if not line.startswith("READY"):
+            self.kill()
+            raise RuntimeError(f"echo server did not start: {line!r}")
+        _, port, control = line.split()
+        self.port, self.control_port = int(port), int(control)
+
+    def command(self, cmd: str) -> Dict[str, Any]:
+        with socket.create_connection(("127.0.0.1", self.control_port), timeout=5) as s:
+            s.sendall(cmd.encode() + b"\n")
+            with s.makefile("r") as f:
+                return json.loads(f.readline())
+
+    def stats(self) -> Dict[str, int]:
+        """``{"open", "accepted", "calls", "peak"}`` as the server sees them."""
+        return self.command("stats")
+
+    def open_connections(self) -> int:
+        return self.stats()["open"]
+
+    def drop(self) -> int:
+        """Close every client connection from the server side."""
+        return self.command("drop")["dropped"]
+
+    def kill(self) -> None:
+        """SIGKILL: the kernel closes every connection, nothing is said."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def restart(self) -> None:
+        """Start again on the same port after :meth:`kill`."""
+        self.kill()
+        self.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class ServerFarm:
+    """Every server a test started; all killed at teardown."""
+
+    def __init__(self) -> None:
+        self.servers: List[EchoServer] = []
+
+    def start(self, n: int = 1, **kwargs: Any) -> List[EchoServer]:
+        started = [EchoServer(**kwargs) for _ in range(n)]
+        self.servers.extend(started)
+        return started
+
+    def one(self, **kwargs: Any) -> EchoServer:
+        return self.start(1, **kwargs)[0]
+
+    def stop_all(self) -> None:
+        for s in self.servers:
+            s.kill()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,54 @@
+"""thriftpool: thread-safe connection pools for thriftpy2 clients, with service discovery.
+
+::
+
+    import thriftpy2, thriftpool
+    echo = thriftpy2.load("idl/echo.thrift", module_name="echo_thrift")
+    with thriftpool.ThriftPool(echo.Echo, ["127.0.0.1:9090", "127.0.0.1:9091"]) as pool:
+        with pool.checkout() as client:
+            client.echo("hi")
+        pool.client().echo("hi")
+"""
+
+from __future__ import annotations
+
+from .address import Address, Endpoint, parse_address
+from .balancer import Balancer, RoundRobin
+from .config import PoolConfig
+from .discovery import Discovery, DiscoveryListener, StaticDiscovery
+from .errors import (
+    ClientReleased,
+    NoAvailableInstance,
+    PoolClosed,
+    PoolExhausted,
+    ReplyMismatch,
+    ThriftPoolError,
+)
+from .events import ExhaustedCallback, ExhaustedEvent
+from .pool import Checkout, ThriftPool
+from .proxy import ClientProxy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Address",
+    "Balancer",
+    "Checkout",
+    "ClientProxy",
+    "ClientReleased",
+    "Discovery",
+    "DiscoveryListener",
+    "Endpoint",
+    "ExhaustedCallback",
+    "ExhaustedEvent",
+    "NoAvailableInstance",
+    "PoolClosed",
+    "PoolConfig",
+    "PoolExhausted",
+    "ReplyMismatch",
+    "RoundRobin",
+    "StaticDiscovery",
+    "ThriftPool",
+    "ThriftPoolError",
+    "parse_address",
+]

@@ -1,0 +1,191 @@
+"""Pool options: one frozen :class:`PoolConfig`, validated once at the boundary."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
+from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory
+
+from .events import ExhaustedCallback
+
+__all__ = ["PoolConfig", "UNSET"]
+
+
+class _Unset:
+    """Marks an option that was not given, as opposed to ``None`` ("never")."""
+
+    _instance: Optional["_Unset"] = None
+
+    def __new__(cls) -> "_Unset":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Any = _Unset()
+
+TRANSPORTS = {"buffered": TBufferedTransportFactory, "framed": TFramedTransportFactory}
+PROTOCOLS = {"binary": TBinaryProtocolFactory, "compact": TCompactProtocolFactory}
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_seconds(name: str, value: Any, allow_none: bool, allow_zero: bool = False
+                   ) -> Optional[float]:
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{name} must be a number of seconds, got None")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds, got {value!r}")
+    if math.isnan(value) or (value == 0 and not allow_zero) or value < 0:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}")
+    if math.isinf(value):
+        if allow_none:
+            return None
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def _check_fraction(name: str, value: Any, upper: float = 1.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not 0 <= value <= upper:
+        raise ValueError(f"{name} must be between 0 and {upper}, got {value!r}")
+    return float(value)
+
+
+def _factory(name: str, value: Any, table: dict[str, Any], method: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return table[value]()
+        except KeyError:
+            choices = ", ".join(repr(k) for k in table)
+            raise ValueError(f"{name} must be one of {choices} or a factory, got {value!r}"
+                             ) from None
+    if callable(getattr(value, method, None)):
+        return value
+    raise ValueError(f"{name} must be one of {', '.join(table)} or a thriftpy2 factory, "
+                     f"got {value!r}")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Every :class:`~thriftpool.ThriftPool` option, validated.  Times are in seconds.
+
+    Build it with :meth:`build`, which checks each value and raises :class:`ValueError`
+    naming the option; the pool passes this one object down instead of re-listing options.
+    """
+
+    name: str
+    min_size: int
+    initial_size: int
+    max_size: int
+    checkout_timeout: float
+    idle_timeout: Optional[float]
+    max_lifetime: Optional[float]
+    lifetime_jitter: float
+    connect_timeout: float
+    socket_timeout: Optional[float]
+    transport_factory: Any
+    protocol_factory: Any
+    on_exhausted: Optional[ExhaustedCallback]
+    watchdog_interval: float
+    backoff_initial: float
+    backoff_multiplier: float
+    backoff_max: float
+    backoff_jitter: float
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        name: str = "",
+        min_size: int = 1,
+        initial_size: Union[int, Any] = UNSET,
+        max_size: int = 8,
+        checkout_timeout: float = 1.0,
+        idle_timeout: Optional[float] = 60.0,
+        max_lifetime: Optional[float] = 600.0,
+        lifetime_jitter: float = 0.1,
+        connect_timeout: float = 1.0,
+        socket_timeout: Optional[float] = 5.0,
+        transport: Any = "buffered",
+        protocol: Any = "binary",
+        on_exhausted: Optional[ExhaustedCallback] = None,
+        watchdog_interval: float = 1.0,
+        backoff_initial: float = 1.0,
+        backoff_multiplier: float = 1.6,
+        backoff_max: float = 120.0,
+        backoff_jitter: float = 0.2,
+    ) -> "PoolConfig":
+        """Validate the options and freeze them.
+
+        :raises ValueError: naming the first invalid option and its bound.
+        """
+        if not isinstance(name, str):
+            raise ValueError(f"name must be a string, got {name!r}")
+        min_size = _check_int("min_size", min_size, 0)
+        max_size = _check_int("max_size", max_size, 1)
+        if min_size > max_size:
+            raise ValueError(f"min_size ({min_size}) must be <= max_size ({max_size})")
+        if initial_size is UNSET:
+            initial_size = min_size
+        initial_size = _check_int("initial_size", initial_size, 0)
+        if not min_size <= initial_size <= max_size:
+            raise ValueError(f"initial_size ({initial_size}) must be between min_size "
+                             f"({min_size}) and max_size ({max_size})")
+        checkout = _check_seconds("checkout_timeout", checkout_timeout, allow_none=False,
+                                  allow_zero=True)
+        if on_exhausted is not None and not callable(on_exhausted):
+            raise ValueError(f"on_exhausted must be callable or None, got {on_exhausted!r}")
+        backoff_initial_s = _check_seconds("backoff_initial", backoff_initial, False)
+        backoff_max_s = _check_seconds("backoff_max", backoff_max, False)
+        assert backoff_initial_s is not None and backoff_max_s is not None
+        if backoff_max_s < backoff_initial_s:
+            raise ValueError(f"backoff_max ({backoff_max}) must be >= backoff_initial "
+                             f"({backoff_initial})")
+        if (isinstance(backoff_multiplier, bool)
+                or not isinstance(backoff_multiplier, (int, float))
+                or not 1 <= backoff_multiplier <= 10):
+            raise ValueError(f"backoff_multiplier must be between 1 and 10, "
+                             f"got {backoff_multiplier!r}")
+        connect = _check_seconds("connect_timeout", connect_timeout, allow_none=False)
+        interval = _check_seconds("watchdog_interval", watchdog_interval, allow_none=False)
+        assert checkout is not None and connect is not None and interval is not None
+        return cls(
+            name=name,
+            min_size=min_size,
+            initial_size=initial_size,
+            max_size=max_size,
+            checkout_timeout=checkout,
+            idle_timeout=_check_seconds("idle_timeout", idle_timeout, allow_none=True),
+            max_lifetime=_check_seconds("max_lifetime", max_lifetime, allow_none=True),
+            lifetime_jitter=_check_fraction("lifetime_jitter", lifetime_jitter, 0.5),
+            connect_timeout=connect,
+            socket_timeout=_check_seconds("socket_timeout", socket_timeout, allow_none=True),
+            transport_factory=_factory("transport", transport, TRANSPORTS, "get_transport"),
+            protocol_factory=_factory("protocol", protocol, PROTOCOLS, "get_protocol"),
+            on_exhausted=on_exhausted,
+            watchdog_interval=interval,
+            backoff_initial=backoff_initial_s,
+            backoff_multiplier=float(backoff_multiplier),
+            backoff_max=backoff_max_s,
+            backoff_jitter=_check_fraction("backoff_jitter", backoff_jitter, 1.0),
+        )

@@ -1,0 +1,256 @@
+"""One pooled socket: opening it, checking it is alive, numbering its calls, closing it.
+
+This is the only module that talks to thriftpy2's transport layer, and the only place
+where seconds become thriftpy2's milliseconds.
+"""
+
+from __future__ import annotations
+
+import random
+import select
+import socket
+from typing import TYPE_CHECKING, Any, Optional
+
+from thriftpy2.protocol.exc import TProtocolException
+from thriftpy2.thrift import TApplicationException, TClient, TMessageType, args_to_kwargs
+from thriftpy2.transport import TSocket, TTransportException
+
+from . import _compat
+from .address import Address
+from .errors import ClientReleased, ReplyMismatch
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from .config import PoolConfig
+
+__all__ = ["Connection", "PooledClient", "is_connect_error", "should_discard"]
+
+_MAX_SEQID = 2 ** 31 - 1
+_POLL_READABLE = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2) | \
+    getattr(select, "POLLHUP", 16) | getattr(select, "POLLERR", 8)
+
+
+def _ms(seconds: Optional[float]) -> Optional[float]:
+    """thriftpy2's TSocket takes milliseconds; every thriftpool option is in seconds."""
+    return None if seconds is None else seconds * 1000.0
+
+
+def should_discard(exc: BaseException) -> bool:
+    """Tell whether an exception raised by a call leaves its socket unusable.
+
+    Transport and protocol errors, socket errors and timeouts (thriftpy2 lets a read
+    timeout out as a bare ``socket.timeout``), and reply mismatches leave the stream in an
+    unknown state.  An IDL-declared exception or a ``TApplicationException`` means the
+    server answered in full, so the socket is fine.  The transport types are tested
+    first because every thriftpy2 exception subclasses ``TException``.  Anything else
+    (``gevent.Timeout``, ``KeyboardInterrupt``) that interrupts a call is caught by the
+    connection's in-call flag, not here.
+    """
+    if isinstance(exc, (TTransportException, TProtocolException, ReplyMismatch, OSError)):
+        return True
+    if isinstance(exc, TApplicationException):
+        return exc.type in (TApplicationException.BAD_SEQUENCE_ID,
+                            TApplicationException.PROTOCOL_ERROR,
+                            TApplicationException.INVALID_MESSAGE_TYPE)
+    return not isinstance(exc, Exception)
+
+
+def is_connect_error(exc: BaseException) -> bool:
+    """The request surely never left: the socket could not even be opened."""
+    return isinstance(exc, TTransportException) and exc.type == TTransportException.NOT_OPEN
+
+
+class PooledClient(TClient):
+    """The generated thriftpy2 client, bound to one pooled connection for one checkout.
+
+    It numbers its requests and checks each reply's sequence id and method name, so a
+    reply meant for an earlier, abandoned call can never be read as this call's answer.
+    After its ``with`` block ends it refuses every call with :class:`ClientReleased`.
+    """
+
+    def __init__(self, service: ModuleType, conn: "Connection") -> None:
+        protocol = conn.protocol
+        self._service = service
+        self._iprot = self._oprot = protocol
+        self._seqid = 0
+        self._conn: Optional[Connection] = conn
+
+    # TClient.__getattr__ serves the IDL methods; each call goes through _req, which
+    # refuses to run once the checkout has ended.
+
+    def _req(self, _api: str, *args: Any, **kwargs: Any) -> Any:
+        conn = self._conn
+        if conn is None:
+            raise ClientReleased(
+                f"{_api}() called after its checkout ended; its connection may belong "
+                "to another caller now")
+        service = self._service
+        try:
+            kwargs = args_to_kwargs(getattr(service, _api + "_args").thrift_spec,
+                                    *args, **kwargs)
+        except ValueError as e:
+            raise TApplicationException(
+                TApplicationException.UNKNOWN_METHOD,
+                f"{e.args[0]} is required argument for {service.__name__}.{_api}") from None
+        seqid = conn.seqid + 1
+        if seqid > _MAX_SEQID:
+            seqid = 1
+        conn.seqid = self._seqid = seqid
+        # From the first byte written until the reply is read in full the stream is in
+        # an unknown state: whatever interrupts the call, the socket must not be reused.
+        conn.in_call = True
+        self._send(_api, **kwargs)
+        if getattr(service, _api + "_result").oneway:
+            conn.in_call = False
+            return None
+        return self._recv(_api)
+
+    def _recv(self, _api: str) -> Any:
+        iprot = self._iprot
+        fname, mtype, rseqid = iprot.read_message_begin()
+        if rseqid != self._seqid or fname != _api:
+            raise ReplyMismatch(
+                f"reply {fname!r} seqid {rseqid} does not answer request {_api!r} seqid "
+                f"{self._seqid} on {self._conn}; the connection was dropped")
+        if mtype == TMessageType.EXCEPTION:
+            x = TApplicationException()
+            x.read(iprot)
+            iprot.read_message_end()
+            self._mark_complete()
+            raise x
+        result = getattr(self._service, _api + "_result")()
+        result.read(iprot)
+        iprot.read_message_end()
+        self._mark_complete()
+
+        success = getattr(result, "success", None)
+        if success is not None:
+            return success
+        if len(result.thrift_spec) == 0:
+            return None
+        for k, v in result.__dict__.items():
+            if k != "success" and v:
+                raise v
+        if hasattr(result, "success"):
+            raise TApplicationException(TApplicationException.MISSING_RESULT)
+        return None
+
+    def _mark_complete(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            conn.in_call = False
+
+    def close(self) -> None:
+        """Does nothing: the pool owns the socket.  Use ``tclose()`` for an IDL ``close``."""
+
+    def __repr__(self) -> str:
+        state = "released" if self._conn is None else str(self._conn.address)
+        return f"<PooledClient {self._service.__name__} {state}>"
+
+
+class Connection:
+    """One open socket to one instance, with the bookkeeping the pool needs.
+
+    Not thread-safe by itself: the pool hands it to one caller at a time.
+    """
+
+    __slots__ = ("address", "socket", "transport", "protocol", "created_at", "expires_at",
+                 "idle_since", "seqid", "in_call", "_poller", "_fd")
+
+    def __init__(self, address: Address, tsocket: TSocket, transport: Any, protocol: Any,
+                 created_at: float, expires_at: float) -> None:
+        self.address = address
+        self.socket = tsocket
+        self.transport = transport
+        self.protocol = protocol
+        self.created_at = created_at
+        self.expires_at = expires_at
+        self.idle_since = created_at
+        self.seqid = 0
+        self.in_call = False
+        sock = tsocket.sock
+        self._fd = sock.fileno() if sock is not None else -1
+        self._poller: Any = None
+        if _compat.has_poll() and self._fd >= 0:
+            # One poll object per connection: a poll object is not safe to share between
+            # threads, and select.select() fails for descriptors >= 1024.
+            self._poller = select.poll()
+            self._poller.register(self._fd, _POLL_READABLE)
+
+    @classmethod
+    def open(cls, address: Address, config: "PoolConfig") -> "Connection":
+        """Connect to ``address``; blocks up to ``config.connect_timeout``.
+
+        :raises TTransportException: ``NOT_OPEN`` when the connect fails or times out.
+        """
+        tsocket = TSocket(address.host, address.port,
+                          socket_family=socket.AF_INET6 if ":" in address.host
+                          else socket.AF_INET,
+                          socket_timeout=_ms(config.socket_timeout),  # type: ignore[arg-type]
+                          connect_timeout=_ms(config.connect_timeout))
+        if config.socket_timeout is None:
+            tsocket.socket_timeout = None
+        transport = config.transport_factory.get_transport(tsocket)
+        protocol = config.protocol_factory.get_protocol(transport)
+        transport.open()
+        now = _compat.monotonic()
+        if config.max_lifetime is None:
+            expires = float("inf")
+        else:
+            # Jitter the lifetime so connections opened together do not all expire together.
+            expires = now + config.max_lifetime * (1.0 - random.uniform(0, config.lifetime_jitter))
+        return cls(address, tsocket, transport, protocol, now, expires)
+
+    def peer_closed(self) -> bool:
+        """Tell, without blocking, whether the idle socket is unusable.
+
+        An idle socket has nothing to read; readable means the peer hung up (EOF or RST)
+        or sent bytes nobody asked for.  Either way it must not be handed out.
+        """
+        if self._fd < 0 or self.socket.sock is None:
+            return True
+        poller = self._poller
+        if poller is not None:
+            try:
+                return bool(poller.poll(0))
+            except (OSError, ValueError):
+                return True
+        try:
+            readable, _, _ = select.select([self._fd], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+    def is_expired(self, now: float) -> bool:
+        """The connection outlived ``max_lifetime`` (jittered)."""
+        return now >= self.expires_at
+
+    def close(self) -> None:
+        """Shut the socket down and close it; never raises."""
+        self._poller = None
+        try:
+            self.transport.close()
+        except Exception:
+            try:
+                self.socket.close()
+            except Exception:
+                pass
+
+    def detach(self) -> None:
+        """Forget the socket without a shutdown, for a forked child.
+
+        The descriptor is closed in this process only; the connection it shares with the
+        parent stays open there and nothing is written to it.
+        """
+        self._poller = None
+        sock = self.socket.sock
+        self.socket.sock = None
+        if sock is not None:
+            try:
+                sock.close()  # close() without shutdown() leaves the parent's side intact
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.address} fd={self._fd}>"

@@ -1,0 +1,48 @@
+"""Exceptions raised by thriftpool.
+
+Thrift's own exceptions (transport, protocol, application and IDL-declared ones) pass
+through thriftpool unchanged; these are the pool's own failures.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+__all__ = [
+    "ClientReleased",
+    "NoAvailableInstance",
+    "PoolClosed",
+    "PoolExhausted",
+    "ReplyMismatch",
+    "ThriftPoolError",
+]
+
+
+class ThriftPoolError(Exception):
+    """Base class of every error that thriftpool itself raises."""
+
+
+class PoolExhausted(ThriftPoolError):
+    """No connection became free within the checkout timeout."""
+
+    def __init__(self, message: str, *, address: Optional[str] = None,
+                 timeout: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.address = address
+        self.timeout = timeout
+
+
+class NoAvailableInstance(ThriftPoolError):
+    """Discovery knows no instance that can serve a checkout."""
+
+
+class PoolClosed(ThriftPoolError):
+    """The pool was closed."""
+
+
+class ClientReleased(ThriftPoolError):
+    """A pooled client was used after its ``with pool.checkout()`` block ended."""
+
+
+class ReplyMismatch(ThriftPoolError):
+    """A reply's sequence id or method name did not match the request; the socket was dropped."""

@@ -1,0 +1,466 @@
+"""The pool of connections to one server instance.
+
+Each :class:`InstancePool` guards its own counters, idle stack and waiter queue with its
+own lock; the :class:`~thriftpool.ThriftPool` lock guards only the map of instances.  No
+socket is opened, probed or closed while the lock is held: decisions are made under it,
+I/O happens after it is released.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple
+
+from . import _compat
+from .address import Address, Endpoint
+from .backoff import Backoff
+from .connection import Connection
+from .errors import PoolClosed, PoolExhausted, ThriftPoolError
+from .events import ExhaustedEvent
+
+if TYPE_CHECKING:
+    from .config import PoolConfig
+
+__all__ = ["InstancePool", "Reroute"]
+
+logger = logging.getLogger(__name__)
+
+
+class Reroute(ThriftPoolError):
+    """Internal: this instance cannot serve the checkout after all; pick another one."""
+
+
+class _Waiter:
+    """One checkout waiting for a connection, or for the right to open one."""
+
+    __slots__ = ("_event", "conn", "permit", "error", "done")
+
+    def __init__(self) -> None:
+        self._event = _compat.Event()
+        self.conn: Optional[Connection] = None
+        self.permit = False
+        self.error: Optional[BaseException] = None
+        self.done = False
+
+    # The three hand-offs are called with the instance lock held.  They fail (return
+    # False) when the waiter already gave up, so the caller offers the item to the next.
+    def give(self, conn: Connection) -> bool:
+        if self.done:
+            return False
+        self.conn = conn
+        self.done = True
+        self._event.set()
+        return True
+
+    def give_permit(self) -> bool:
+        if self.done:
+            return False
+        self.permit = True
+        self.done = True
+        self._event.set()
+        return True
+
+    def fail(self, error: BaseException) -> bool:
+        if self.done:
+            return False
+        self.error = error
+        self.done = True
+        self._event.set()
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+
+class InstancePool:
+    """Connections to one instance: at most ``max_size`` idle + in use + opening.
+
+    Thread-safe.  Built and driven by :class:`~thriftpool.ThriftPool`; not public API.
+    """
+
+    def __init__(self, endpoint: Endpoint, config: "PoolConfig", pool_name: str) -> None:
+        self.address: Address = endpoint.address
+        self.key = str(endpoint.address)
+        self.weight = endpoint.weight
+        self._config = config
+        self._pool_name = pool_name
+        self._lock = _compat.Lock()
+        self._idle: List[Connection] = []      # a stack: the most recently used on top
+        self._in_use: Set[Connection] = set()
+        self._opening = 0
+        self._waiters: Deque[_Waiter] = deque()
+        self._closed = False
+        self._closed_error: Optional[BaseException] = None
+        # Health: a failed connect marks the instance unhealthy; nobody connects to it
+        # again before next_attempt_at, and then only one probe at a time.
+        self.healthy = True
+        self._backoff = Backoff(config.backoff_initial, config.backoff_multiplier,
+                                config.backoff_max, config.backoff_jitter)
+        self.next_attempt_at = 0.0
+        self.last_failure_at = 0.0
+        self.last_error: Optional[BaseException] = None
+        self._probing = False
+        # The first fill opens initial_size connections; later fills keep min_size.
+        self._fill_target = config.initial_size
+        self.opened_total = 0
+        self.closed_total = 0
+
+    # -- checkout / checkin ------------------------------------------------------------
+
+    def acquire(self, deadline: float, probe: bool = False) -> Connection:
+        """Take an idle connection, open one, or wait for one until ``deadline``.
+
+        :param probe: the instance is unhealthy and this checkout was picked to probe it
+            (panic mode); the caller already reserved the probe with :meth:`try_probe`.
+        :raises PoolExhausted: nothing became free before ``deadline``.
+        :raises Reroute: the instance was removed, or failed, while we waited.
+        :raises TTransportException: the connect failed (the instance is now unhealthy).
+        """
+        if probe:
+            return self._open_for_checkout(probe=True)
+        while True:
+            conn: Optional[Connection] = None
+            permit = False
+            waiter: Optional[_Waiter] = None
+            exhausted: Optional[ExhaustedEvent] = None
+            with self._lock:
+                if self._closed:
+                    raise Reroute(self.key)
+                if self._idle:
+                    conn = self._idle.pop()
+                    self._in_use.add(conn)
+                elif len(self._in_use) + self._opening < self._config.max_size:
+                    self._opening += 1
+                    permit = True
+                else:
+                    remaining = deadline - _compat.monotonic()
+                    if remaining > 0:
+                        waiter = _Waiter()
+                        self._waiters.append(waiter)
+                    else:
+                        exhausted = self._exhausted_event_locked()
+            if conn is not None:
+                if conn.peer_closed() or conn.is_expired(_compat.monotonic()):
+                    self.release(conn, discard=True)
+                    continue
+                return conn
+            if permit:
+                return self._open_for_checkout()
+            if exhausted is not None:
+                raise self._exhausted_error(exhausted)
+            assert waiter is not None
+            conn = self._wait(waiter, deadline)
+            if conn is None:
+                if waiter.permit:
+                    return self._open_for_checkout()
+                continue  # pragma: no cover - a woken waiter carries a conn, permit or error
+            if conn.peer_closed():
+                self.release(conn, discard=True)
+                continue
+            return conn
+
+    def _wait(self, waiter: _Waiter, deadline: float) -> Optional[Connection]:
+        waiter.wait(max(0.0, deadline - _compat.monotonic()))
+        exhausted = None
+        with self._lock:
+            if not waiter.done:
+                # Timed out: leave the queue so no hand-off is lost on us.
+                waiter.done = True
+                try:
+                    self._waiters.remove(waiter)
+                except ValueError:  # pragma: no cover
+                    pass
+                exhausted = self._exhausted_event_locked()
+        if exhausted is not None:
+            raise self._exhausted_error(exhausted)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.conn
+
+    def _exhausted_event_locked(self) -> ExhaustedEvent:
+        return ExhaustedEvent(
+            pool=self._pool_name, address=self.key, timeout=self._config.checkout_timeout,
+            max_size=self._config.max_size, in_use=len(self._in_use), idle=len(self._idle),
+            opening=self._opening, waiting=len(self._waiters))
+
+    def _exhausted_error(self, event: ExhaustedEvent) -> PoolExhausted:
+        err = PoolExhausted(
+            f"pool {event.pool!r}: no connection to {event.address} became free within "
+            f"{event.timeout:g}s (max_size={event.max_size}, in_use={event.in_use}, "
+            f"opening={event.opening}, other waiters={event.waiting})",
+            address=event.address, timeout=event.timeout)
+        err.event = event  # type: ignore[attr-defined]
+        return err
+
+    def release(self, conn: Connection, discard: bool = False) -> None:
+        """Check a connection back in; close it instead when it must not be reused.
+
+        A connection is closed when ``discard`` is set (the call failed mid-stream), when it
+        outlived ``max_lifetime``, or when the instance was removed or the pool closed.
+        Otherwise it goes to the longest waiter, or on top of the idle stack.
+        """
+        now = _compat.monotonic()
+        to_close: Optional[Connection] = None
+        with self._lock:
+            self._in_use.discard(conn)
+            if discard or self._closed or now >= conn.expires_at:
+                to_close = conn
+                self.closed_total += 1
+                # The freed slot goes to the first waiter still waiting, as a permit.
+                while self._waiters and not self._closed:
+                    if self._waiters.popleft().give_permit():
+                        self._opening += 1
+                        break
+            else:
+                conn.idle_since = now
+                while self._waiters:
+                    if self._waiters.popleft().give(conn):
+                        self._in_use.add(conn)
+                        break
+                else:
+                    self._idle.append(conn)
+        if to_close is not None:
+            to_close.close()
+
+    def _open_for_checkout(self, probe: bool = False) -> Connection:
+        """Open a connection for a checkout; the caller already counted it in ``_opening``."""
+        try:
+            conn = Connection.open(self.address, self._config)
+        except BaseException as exc:
+            self._open_failed(exc, probe)
+            raise
+        with self._lock:
+            self._opening -= 1
+            self.opened_total += 1
+            if probe:
+                self._probing = False
+            if self._closed:
+                self.closed_total += 1
+                closed = True
+            else:
+                self._in_use.add(conn)
+                closed = False
+        if closed:
+            conn.close()
+            raise Reroute(self.key)
+        self._record_success()
+        return conn
+
+    def _open_failed(self, exc: BaseException, probe: bool) -> None:
+        now = _compat.monotonic()
+        with self._lock:
+            self._opening -= 1
+            if probe:
+                self._probing = False
+            if not isinstance(exc, Exception):
+                return  # interrupted (KeyboardInterrupt, gevent.Timeout): not the server's fault
+            was_healthy = self.healthy
+            self.healthy = False
+            self.last_failure_at = now
+            self.last_error = exc
+            delay = self._backoff.next_delay()
+            self.next_attempt_at = now + delay
+            failures = self._backoff.failures
+            # Nobody should wait on a failing instance: send every waiter elsewhere.
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for w in waiters:
+                w.fail(Reroute(self.key))
+        log = logger.warning if was_healthy else logger.info
+        log("pool %r: instance %s unhealthy after connect failure %d (%s); next attempt "
+            "in %.2fs", self._pool_name, self.key, failures, exc, delay)
+
+    def _record_success(self) -> None:
+        if self.healthy and not self._backoff.failures:
+            return
+        with self._lock:
+            was_healthy = self.healthy
+            self.healthy = True
+            self._backoff.reset()
+            self.next_attempt_at = 0.0
+        if not was_healthy:
+            logger.info("pool %r: instance %s is healthy again", self._pool_name, self.key)
+
+    def try_probe(self, now: float) -> bool:
+        """Reserve the one probe connection of an unhealthy instance if its backoff has passed."""
+        with self._lock:
+            if (self._closed or self._probing or now < self.next_attempt_at
+                    or len(self._in_use) + self._opening >= self._config.max_size):
+                return False
+            self._probing = True
+            self._opening += 1
+            return True
+
+    # -- watchdog --------------------------------------------------------------------
+
+    def maintain(self, now: float, demand: bool) -> None:
+        """One watchdog pass over this instance (called from the watchdog thread only).
+
+        Closes idle connections above ``min_size`` idle for longer than ``idle_timeout``
+        and idle ones past ``max_lifetime``; then opens connections up to the fill target
+        (``initial_size`` the first time, ``min_size`` after), or, while the instance is
+        unhealthy, one probe once its backoff has passed and something needs it.
+        """
+        config = self._config
+        to_close: List[Connection] = []
+        to_open = 0
+        probe = False
+        with self._lock:
+            if self._closed:
+                return
+            total = len(self._idle) + len(self._in_use) + self._opening
+            if self._idle:
+                keep: List[Connection] = []
+                idle_timeout = config.idle_timeout
+                # The stack's bottom holds the connections idle the longest.
+                for conn in self._idle:
+                    if now >= conn.expires_at or (
+                            idle_timeout is not None and total > config.min_size
+                            and now - conn.idle_since >= idle_timeout):
+                        to_close.append(conn)
+                        total -= 1
+                    else:
+                        keep.append(conn)
+                if to_close:
+                    self._idle[:] = keep
+                    self.closed_total += len(to_close)
+            target = min(max(self._fill_target, config.min_size), config.max_size)
+            if self.healthy:
+                to_open = max(0, target - total)
+            elif (demand or target > 0) and not self._probing and now >= self.next_attempt_at \
+                    and total < config.max_size:
+                to_open = 1
+                probe = True
+                self._probing = True
+            self._opening += to_open
+        for conn in to_close:
+            conn.close()
+        if to_close:
+            logger.debug("pool %r: closed %d idle/expired connections to %s",
+                         self._pool_name, len(to_close), self.key)
+        for i in range(to_open):
+            if not self._open_idle(probe):
+                with self._lock:
+                    self._opening -= to_open - i - 1  # give back the unused reservations
+                break
+        else:
+            if to_open and self._fill_target > config.min_size:
+                self._fill_target = config.min_size
+
+    def _open_idle(self, probe: bool) -> bool:
+        """Open one connection in the background and hand it to a waiter or the idle stack."""
+        try:
+            conn = Connection.open(self.address, self._config)
+        except Exception as exc:
+            self._open_failed(exc, probe)
+            return False
+        with self._lock:
+            self._opening -= 1
+            self.opened_total += 1
+            if probe:
+                self._probing = False
+            closed = self._closed
+            if closed:
+                self.closed_total += 1
+            else:
+                for_waiter = False
+                while self._waiters:
+                    if self._waiters.popleft().give(conn):
+                        self._in_use.add(conn)
+                        for_waiter = True
+                        break
+                if not for_waiter:
+                    self._idle.append(conn)
+        if closed:
+            conn.close()
+            return False
+        self._record_success()
+        return True
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self, error: BaseException) -> List[Connection]:
+        """Stop serving: fail waiters with ``error`` and return the idle connections to close.
+
+        In-use connections are closed when they are checked in.  Idempotent.
+        """
+        with self._lock:
+            if self._closed:
+                return []
+            self._closed = True
+            self._closed_error = error
+            idle, self._idle = self._idle, []
+            self.closed_total += len(idle)
+            waiters = list(self._waiters)
+            self._waiters.clear()
+            for w in waiters:
+                w.fail(error)
+        return idle
+
+    def retire(self) -> None:
+        """Discovery removed this instance: waiters go elsewhere, idle sockets close now."""
+        for conn in self.close(Reroute(self.key)):
+            conn.close()
+
+    def shutdown(self) -> None:
+        """The pool is closing: waiters get :class:`PoolClosed`, idle sockets close now."""
+        for conn in self.close(PoolClosed(f"pool {self._pool_name!r} is closed")):
+            conn.close()
+
+    def detach_all(self) -> None:
+        """After ``fork()``: forget every inherited socket without touching the parent's."""
+        # Only the forking thread exists in the child; another thread may have held the
+        # lock at fork time, so take none and start with a fresh one.
+        self._lock = _compat.Lock()
+        conns = self._idle + list(self._in_use)
+        self._idle = []
+        self._in_use = set()
+        self._opening = 0
+        self._probing = False
+        self._waiters = deque()
+        for conn in conns:
+            conn.detach()
+
+    def has_capacity(self) -> bool:
+        """A hint, read without the lock: an idle connection or a free slot exists."""
+        return bool(self._idle) or \
+            len(self._in_use) + self._opening < self._config.max_size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def in_use(self) -> int:
+        return len(self._in_use)
+
+    def stats(self) -> Dict[str, Any]:
+        """Live counts for :meth:`ThriftPool.stats`."""
+        with self._lock:
+            idle = len(self._idle)
+            in_use = len(self._in_use)
+            opening = self._opening
+            waiting = len(self._waiters)
+        return {
+            "size": idle + in_use + opening,
+            "idle": idle,
+            "in_use": in_use,
+            "opening": opening,
+            "waiting": waiting,
+            "healthy": self.healthy,
+            "weight": self.weight,
+            "failures": self._backoff.failures,
+            "opened": self.opened_total,
+            "closed": self.closed_total,
+        }
+
+    def counts(self) -> Tuple[int, int, int, int]:
+        with self._lock:
+            return len(self._idle), len(self._in_use), self._opening, len(self._waiters)
+
+    def __repr__(self) -> str:
+        idle, in_use, opening, waiting = self.counts()
+        state = "closed" if self._closed else ("healthy" if self.healthy else "unhealthy")
+        return (f"<InstancePool {self.key} {state} idle={idle} in_use={in_use} "
+                f"opening={opening} waiting={waiting}>")

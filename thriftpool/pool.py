@@ -1,0 +1,400 @@
+"""ThriftPool: pooled thriftpy2 clients over a fleet of instances."""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType, TracebackType
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
+
+from . import _compat
+from .address import Address, AddressLike, Endpoint
+from .balancer import Balancer, RoundRobin
+from .config import UNSET, PoolConfig
+from .connection import Connection, PooledClient, is_connect_error, should_discard
+from .discovery.base import Discovery
+from .discovery.static import StaticDiscovery
+from .errors import NoAvailableInstance, PoolClosed, PoolExhausted
+from .events import ExhaustedCallback, ExhaustedEvent
+from .instance import InstancePool, Reroute
+from .watchdog import Watchdog
+
+__all__ = ["Checkout", "ThriftPool"]
+
+logger = logging.getLogger(__name__)
+
+#: Without min_size, an unhealthy instance is probed in the background only if the pool
+#: served a checkout this recently (no reconnects while nothing needs the instance).
+_DEMAND_WINDOW = 60.0
+
+_BALANCERS = {"round_robin": RoundRobin}
+
+
+class ThriftPool:
+    """A thread-safe pool of thriftpy2 clients over every instance that discovery reports.
+
+    Each instance gets its own pool of at most ``max_size`` sockets.  A checkout picks a
+    healthy instance (round robin), hands out its most recently used idle socket after a
+    non-blocking liveness check, opens a new one while below ``max_size``, or waits up to
+    ``checkout_timeout`` for one to be checked in.  A named daemon watchdog thread reaps idle
+    sockets above ``min_size``, recycles sockets past ``max_lifetime``, refills instances to
+    ``min_size`` and probes failing instances with exponential backoff and jitter.
+
+    :param service: the thriftpy2 service, e.g. ``thriftpy2.load("echo.thrift").Echo``.
+    :param discovery: a :class:`~thriftpool.Discovery` (``StaticDiscovery``,
+        ``ZooKeeperDiscovery``), or a list of ``"host:port"`` strings or ``(host, port)``
+        pairs, which is wrapped in a ``StaticDiscovery``.
+    :param name: names the pool in logs, errors and thread names (default: the service name).
+    :param min_size: connections per instance kept open even when idle.
+    :param initial_size: connections opened, in the background, when an instance is first
+        seen (default: ``min_size``); 0 connects lazily.
+    :param max_size: cap per instance on idle + in use + being opened connections.
+    :param checkout_timeout: seconds a checkout waits for a free connection before
+        :class:`PoolExhausted` (0: do not wait).
+    :param idle_timeout: seconds after which an idle connection above ``min_size`` is
+        closed; ``None`` never.
+    :param max_lifetime: seconds after which a connection is closed and replaced (idle ones
+        by the watchdog, in-use ones at checkin), so load spreads to new instances;
+        ``None`` never.
+    :param lifetime_jitter: each connection's lifetime is shortened by a random fraction
+        up to this much, so connections opened together do not expire together.
+    :param connect_timeout: seconds to wait for a TCP connect.
+    :param socket_timeout: seconds a call may wait on the socket; ``None`` waits forever.
+    :param transport: ``"buffered"`` or ``"framed"``, or a thriftpy2 transport factory.
+    :param protocol: ``"binary"`` or ``"compact"``, or a thriftpy2 protocol factory.
+    :param on_exhausted: called with an :class:`ExhaustedEvent` each time a checkout times
+        out, before :class:`PoolExhausted` is raised; its errors are logged and ignored.
+    :param watchdog_interval: seconds between watchdog passes.
+    :param backoff_initial: seconds before the first reconnect attempt to a failing instance.
+    :param backoff_multiplier: growth of the reconnect delay per consecutive failure.
+    :param backoff_max: cap on the reconnect delay, in seconds.
+    :param backoff_jitter: reconnect delays are multiplied by a random factor in
+        ``[1 - jitter, 1 + jitter]``.
+    :param balancer: ``"round_robin"`` (or a :class:`Balancer` instance).
+    :raises ValueError: naming the option, when an option or an address is invalid.
+    """
+
+    def __init__(
+        self,
+        service: ModuleType,
+        discovery: Union[Discovery, Iterable[AddressLike], str, None] = None,
+        *,
+        name: Optional[str] = None,
+        min_size: int = 1,
+        initial_size: int = UNSET,
+        max_size: int = 8,
+        checkout_timeout: float = 1.0,
+        idle_timeout: Optional[float] = 60.0,
+        max_lifetime: Optional[float] = 600.0,
+        lifetime_jitter: float = 0.1,
+        connect_timeout: float = 1.0,
+        socket_timeout: Optional[float] = 5.0,
+        transport: Any = "buffered",
+        protocol: Any = "binary",
+        on_exhausted: Optional[ExhaustedCallback] = None,
+        watchdog_interval: float = 1.0,
+        backoff_initial: float = 1.0,
+        backoff_multiplier: float = 1.6,
+        backoff_max: float = 120.0,
+        backoff_jitter: float = 0.2,
+        balancer: Union[str, Balancer] = "round_robin",
+    ) -> None:
+        self._closed = True  # until fully built, so __del__ and close() are safe
+        if not isinstance(service, type) and not isinstance(service, ModuleType) \
+                or not hasattr(service, "thrift_services"):
+            raise ValueError(f"service must be a thriftpy2 service, got {service!r}")
+        if name is None:
+            name = getattr(service, "__name__", "thrift")
+        self.config = PoolConfig.build(
+            name=name, min_size=min_size, initial_size=initial_size, max_size=max_size,
+            checkout_timeout=checkout_timeout, idle_timeout=idle_timeout,
+            max_lifetime=max_lifetime, lifetime_jitter=lifetime_jitter,
+            connect_timeout=connect_timeout, socket_timeout=socket_timeout,
+            transport=transport, protocol=protocol, on_exhausted=on_exhausted,
+            watchdog_interval=watchdog_interval, backoff_initial=backoff_initial,
+            backoff_multiplier=backoff_multiplier, backoff_max=backoff_max,
+            backoff_jitter=backoff_jitter)
+        if discovery is None:
+            raise ValueError("discovery must be a Discovery or a list of addresses")
+        if not isinstance(discovery, Discovery):
+            discovery = StaticDiscovery(discovery)  # type: ignore[arg-type]
+        if isinstance(balancer, str):
+            try:
+                balancer = _BALANCERS[balancer]()
+            except KeyError:
+                raise ValueError(f"balancer must be one of {', '.join(_BALANCERS)}, "
+                                 f"got {balancer!r}") from None
+        elif not isinstance(balancer, Balancer):
+            raise ValueError(f"balancer must be a name or a Balancer, got {balancer!r}")
+        self.service = service
+        self.name = name
+        self._balancer = balancer
+        self._discovery = discovery
+        # The pool lock guards only the instance map, the ring and the close list; each
+        # instance guards its own connections.  Built here, while single-threaded.
+        self._lock = _compat.Lock()
+        self._instances: Dict[Address, InstancePool] = {}
+        self._ring: Tuple[InstancePool, ...] = ()
+        self._to_close: List[Connection] = []  # idle sockets of removed instances
+        self._last_checkout = 0.0
+        self._watchdog = Watchdog(self, self.config.watchdog_interval,
+                                  f"thriftpool-{name}-watchdog")
+        self._closed = False
+        try:
+            discovery.start(self._on_discovery, name)
+            self._watchdog.start()
+            self._watchdog.wake()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- discovery ---------------------------------------------------------------------
+
+    def _on_discovery(self, endpoints: List[Endpoint]) -> None:
+        """Apply a discovery snapshot as a diff; never blocks (called from discovery threads).
+
+        Unchanged instances keep their connections.  Removed ones stop taking checkouts
+        at once; the watchdog closes their idle sockets right after, in-use ones close at
+        checkin.  Added ones take checkouts at once and get ``initial_size`` connections
+        from the watchdog.
+        """
+        wanted: Dict[Address, Endpoint] = {}
+        for endpoint in endpoints:
+            if not isinstance(endpoint, Endpoint):
+                logger.warning("pool %r: discovery sent %r, not an Endpoint; skipped",
+                               self.name, endpoint)
+                continue
+            wanted.setdefault(endpoint.address, endpoint)
+        added: List[str] = []
+        removed: List[InstancePool] = []
+        with self._lock:
+            if self._closed:
+                return
+            instances = dict(self._instances)
+            for address in list(instances):
+                if address not in wanted:
+                    removed.append(instances.pop(address))
+            for address, endpoint in wanted.items():
+                inst = instances.get(address)
+                if inst is None:
+                    instances[address] = InstancePool(endpoint, self.config, self.name)
+                    added.append(str(address))
+                else:
+                    inst.weight = endpoint.weight
+            self._instances = instances
+            self._ring = tuple(instances[a] for a in wanted)
+        idle: List[Connection] = []
+        for inst in removed:
+            # No socket I/O here: the watchdog, woken below, closes the idle sockets.
+            idle.extend(inst.close(Reroute(inst.key)))
+        if idle:
+            with self._lock:
+                self._to_close.extend(idle)
+        if added or removed:
+            logger.info("pool %r: instances added %s, removed %s; now %d",
+                        self.name, added or "none", [i.key for i in removed] or "none",
+                        len(wanted))
+            self._watchdog.wake()
+
+    # -- checkout ----------------------------------------------------------------------
+
+    def checkout(self, timeout: Optional[float] = None) -> "Checkout":
+        """Borrow a client for a ``with`` block::
+
+            with pool.checkout() as client:
+                client.echo("hi")
+
+        The connection is taken on entering the block and returned on leaving it.  A
+        transport, protocol or socket error, a timeout, or any exception that interrupts
+        a call (``gevent.Timeout``, ``KeyboardInterrupt``) closes the socket instead of
+        returning it; IDL-declared exceptions leave it pooled.  The client refuses calls
+        after the block.
+
+        :param timeout: seconds to wait for a free connection (default ``checkout_timeout``).
+        :raises PoolExhausted: no connection became free in time (``on_exhausted`` was called).
+        :raises NoAvailableInstance: no instance is known, or all are failing.
+        :raises PoolClosed: the pool is closed.
+        """
+        return Checkout(self, timeout)
+
+    def _acquire(self, timeout: Optional[float]) -> Tuple[InstancePool, Connection]:
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        now = _compat.monotonic()
+        self._last_checkout = now
+        deadline = now + (self.config.checkout_timeout if timeout is None else timeout)
+        last_error: Optional[BaseException] = None
+        for _ in range(2 * len(self._ring) + 4):
+            ring = self._ring
+            inst = self._balancer.pick(ring)
+            probe = False
+            if inst is None:
+                inst = self._panic_pick(ring, last_error)
+                probe = True
+            elif not inst.has_capacity():
+                # Prefer another healthy instance that can serve now over waiting.
+                inst = next((i for i in ring if i.healthy and i.has_capacity()), inst)
+            try:
+                return inst, inst.acquire(deadline, probe)
+            except Reroute:
+                continue
+            except PoolExhausted as exc:
+                self._fire_exhausted(getattr(exc, "event", None))
+                raise
+            except Exception as exc:
+                if not is_connect_error(exc):
+                    raise
+                last_error = exc  # the request never left: try another instance
+        raise NoAvailableInstance(
+            f"pool {self.name!r}: no instance could serve the checkout") from last_error
+
+    def _panic_pick(self, ring: Tuple[InstancePool, ...],
+                    last_error: Optional[BaseException]) -> InstancePool:
+        """Every instance is unhealthy: probe the one whose backoff ends first, if it has."""
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        if not ring:
+            raise NoAvailableInstance(f"pool {self.name!r}: discovery reports no instances")
+        now = _compat.monotonic()
+        for inst in sorted(ring, key=lambda i: i.next_attempt_at):
+            if inst.try_probe(now):
+                return inst
+        soonest = min(ring, key=lambda i: i.next_attempt_at)
+        cause = last_error or soonest.last_error
+        raise NoAvailableInstance(
+            f"pool {self.name!r}: all {len(ring)} instances are failing; next attempt to "
+            f"{soonest.key} in {max(0.0, soonest.next_attempt_at - now):.2f}s "
+            f"(last error: {cause})") from cause
+
+    def _fire_exhausted(self, event: Optional[ExhaustedEvent]) -> None:
+        callback = self.config.on_exhausted
+        if callback is None or event is None:
+            return
+        try:
+            callback(event)
+        except Exception:
+            logger.exception("pool %r: on_exhausted callback failed", self.name)
+
+    def client(self) -> Any:
+        """A thread-safe proxy with the service's methods; each call checks out, calls and
+        checks in (see :class:`~thriftpool.proxy.ClientProxy`)."""
+        from .proxy import ClientProxy
+
+        return ClientProxy(self)
+
+    # -- watchdog ----------------------------------------------------------------------
+
+    def _maintain(self) -> None:
+        """One watchdog pass; runs on the watchdog thread only."""
+        with self._lock:
+            if self._closed:
+                return
+            to_close, self._to_close = self._to_close, []
+            instances = list(self._instances.values())
+        for conn in to_close:
+            conn.close()
+        now = _compat.monotonic()
+        demand = now - self._last_checkout < _DEMAND_WINDOW
+        for inst in instances:
+            if self._closed:
+                return
+            inst.maintain(now, demand)
+
+    # -- inspection and lifecycle ------------------------------------------------------
+
+    def stats(self) -> Dict[str, Any]:
+        """A snapshot of the pool's counts::
+
+            {"name", "size", "idle", "in_use", "opening", "waiting", "closed",
+             "instances": {"host:port": {"size", "idle", "in_use", "opening", "waiting",
+                                         "healthy", "weight", "failures", "opened",
+                                         "closed"}}}
+        """
+        with self._lock:
+            instances = list(self._instances.values())
+        per = {inst.key: inst.stats() for inst in instances}
+        totals = {k: sum(s[k] for s in per.values())
+                  for k in ("size", "idle", "in_use", "opening", "waiting")}
+        return {"name": self.name, **totals, "closed": self._closed, "instances": per}
+
+    @property
+    def closed(self) -> bool:
+        """``close()`` was called."""
+        return self._closed
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the pool: idempotent, and safe to call from any thread.
+
+        Stops discovery and the watchdog (joined, up to ``timeout``), closes every idle
+        socket, fails waiting checkouts with :class:`PoolClosed`; sockets still checked out
+        are closed when their ``with`` block ends.  Later checkouts raise ``PoolClosed``.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            instances = list(self._instances.values())
+            to_close, self._to_close = self._to_close, []
+            self._instances = {}
+            self._ring = ()
+        try:
+            self._discovery.stop()
+        except Exception:
+            logger.exception("pool %r: stopping discovery failed", self.name)
+        self._watchdog.stop(timeout)
+        for inst in instances:
+            inst.shutdown()
+        for conn in to_close:
+            conn.close()
+        logger.debug("pool %r closed", self.name)
+
+    def __enter__(self) -> "ThriftPool":
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]],
+                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        try:
+            self.close(timeout=0)
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+    def __repr__(self) -> str:
+        s = self.stats()
+        state = "closed" if s["closed"] else f"{len(s['instances'])} instances"
+        return (f"<ThriftPool {self.name!r} {state} size={s['size']} idle={s['idle']} "
+                f"in_use={s['in_use']} waiting={s['waiting']}>")
+
+
+class Checkout:
+    """The context manager that :meth:`ThriftPool.checkout` returns (one use only)."""
+
+    __slots__ = ("_pool", "_timeout", "_inst", "_conn", "_client")
+
+    def __init__(self, pool: ThriftPool, timeout: Optional[float]) -> None:
+        self._pool = pool
+        self._timeout = timeout
+        self._conn: Optional[Connection] = None
+
+    def __enter__(self) -> PooledClient:
+        if self._conn is not None:
+            raise RuntimeError("a checkout can be entered only once")
+        pool = self._pool
+        self._inst, conn = pool._acquire(self._timeout)
+        self._conn = conn
+        self._client = client = PooledClient(pool.service, conn)
+        return client
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]],
+                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        self._client._conn = None
+        # in_call: an exception (any, even KeyboardInterrupt) cut a call short, so the
+        # stream holds half a request or an unread reply.
+        discard = conn.in_call or (exc is not None and should_discard(exc))
+        self._inst.release(conn, discard)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from .address import Address, Endpoint, parse_address
-from .balancer import Balancer, RoundRobin
+from .balancer import Balancer, LeastLoaded, RandomBalancer, RoundRobin
 from .config import PoolConfig
 from .discovery import Discovery, DiscoveryListener, StaticDiscovery
 from .errors import (
@@ -39,12 +39,14 @@ __all__ = [
     "Discovery",
     "DiscoveryListener",
     "Endpoint",
+    "LeastLoaded",
     "ExhaustedCallback",
     "ExhaustedEvent",
     "NoAvailableInstance",
     "PoolClosed",
     "PoolConfig",
     "PoolExhausted",
+    "RandomBalancer",
     "ReplyMismatch",
     "RoundRobin",
     "StaticDiscovery",

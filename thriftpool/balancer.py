@@ -1,17 +1,28 @@
-"""Choosing an instance for each checkout."""
+"""Choosing an instance for each checkout: round robin, random, least loaded.
+
+Every balancer honours the weights that discovery reports and skips unhealthy instances.
+``pick`` runs on every checkout without a lock: each balancer precomputes what it needs
+from the pool's ring (a new tuple each time membership or weights change) and caches it
+by identity; a concurrent rebuild computes the same thing, so the race is harmless.
+"""
 
 from __future__ import annotations
 
+import bisect
 import itertools
-from typing import Optional, Sequence
+import random
+from typing import Dict, List, Optional, Sequence, Tuple, Type
 
 from .instance import InstancePool
 
-__all__ = ["Balancer", "RoundRobin"]
+__all__ = ["Balancer", "LeastLoaded", "RandomBalancer", "RoundRobin", "make_balancer"]
+
+#: Weighted schedules longer than this are scaled down (weights keep their proportions).
+_MAX_SCHEDULE = 4096
 
 
 class Balancer:
-    """Picks one healthy instance from the pool's current ring (thread-safe, lock-free)."""
+    """Picks one healthy instance from the pool's ring; thread-safe and lock-free."""
 
     name = "base"
 
@@ -20,25 +31,143 @@ class Balancer:
         raise NotImplementedError
 
 
-class RoundRobin(Balancer):
-    """Each checkout takes the next healthy instance in turn; unhealthy ones are skipped.
+def _healthy_weighted(ring: Sequence[InstancePool]) -> Optional[InstancePool]:
+    """Slow path: a weighted random choice among the healthy instances."""
+    healthy = [i for i in ring if i.healthy]
+    if not healthy:
+        return None
+    return random.choices(healthy, weights=[max(1, i.weight) for i in healthy])[0]
 
-    ``itertools.count`` hands out numbers atomically under the GIL (and under gevent),
-    so concurrent checkouts spread evenly without a lock.
+
+class RoundRobin(Balancer):
+    """Each checkout takes the next healthy instance in a smooth weighted round robin.
+
+    With equal weights this is plain rotation.  With weights, the schedule interleaves
+    instances (nginx's smooth weighted round robin), so a weight-3 instance gets three
+    checkouts in six, spread out, rather than three in a row.  ``itertools.count`` hands out
+    positions atomically under the GIL (and under gevent), so no lock is needed.
     """
 
     name = "round_robin"
 
     def __init__(self) -> None:
         self._counter = itertools.count()
+        self._ring: Optional[Sequence[InstancePool]] = None
+        self._schedule: Tuple[InstancePool, ...] = ()
+
+    @staticmethod
+    def schedule(ring: Sequence[InstancePool]) -> Tuple[InstancePool, ...]:
+        weights = [max(1, i.weight) for i in ring]
+        total = sum(weights)
+        if len(set(weights)) <= 1:
+            return tuple(ring)
+        if total > _MAX_SCHEDULE:
+            scale = _MAX_SCHEDULE / total
+            weights = [max(1, round(w * scale)) for w in weights]
+            total = sum(weights)
+        current = [0] * len(ring)
+        out: List[InstancePool] = []
+        for _ in range(total):
+            for k, w in enumerate(weights):
+                current[k] += w
+            best = max(range(len(ring)), key=current.__getitem__)
+            current[best] -= total
+            out.append(ring[best])
+        return tuple(out)
 
     def pick(self, ring: Sequence[InstancePool]) -> Optional[InstancePool]:
-        n = len(ring)
+        if ring is not self._ring:
+            self._schedule = self.schedule(ring)
+            self._ring = ring
+        schedule = self._schedule
+        n = len(schedule)
         if not n:
             return None
         start = next(self._counter)
-        for i in range(n):
-            inst = ring[(start + i) % n]
+        inst = schedule[start % n]
+        if inst.healthy:
+            return inst
+        for i in range(1, min(n, 64)):
+            inst = schedule[(start + i) % n]
             if inst.healthy:
                 return inst
-        return None
+        return _healthy_weighted(ring)
+
+
+class RandomBalancer(Balancer):
+    """Each checkout takes a weighted random healthy instance."""
+
+    name = "random"
+
+    def __init__(self) -> None:
+        self._ring: Optional[Sequence[InstancePool]] = None
+        self._cumulative: List[int] = []
+
+    def _choose(self, ring: Sequence[InstancePool]) -> InstancePool:
+        if ring is not self._ring:
+            self._cumulative = list(itertools.accumulate(max(1, i.weight) for i in ring))
+            self._ring = ring
+        cumulative = self._cumulative
+        return ring[bisect.bisect_right(cumulative, random.random() * cumulative[-1])]
+
+    def pick(self, ring: Sequence[InstancePool]) -> Optional[InstancePool]:
+        if not ring:
+            return None
+        for _ in range(3):
+            inst = self._choose(ring)
+            if inst.healthy:
+                return inst
+        return _healthy_weighted(ring)
+
+
+class LeastLoaded(RandomBalancer):
+    """Power of two choices: of two weighted random healthy instances, the less loaded.
+
+    Load is the number of connections in use divided by the weight, so a slow or
+    overloaded instance, whose calls hold their connections longer, gets less traffic,
+    while the choice stays O(1) and free of a global lock (Finagle's and Linkerd's
+    default balancer, and gRPC's least_request).
+    """
+
+    name = "least_loaded"
+
+    def pick(self, ring: Sequence[InstancePool]) -> Optional[InstancePool]:
+        if not ring:
+            return None
+        if len(ring) == 1:
+            only = ring[0]
+            return only if only.healthy else None
+        a = self._choose(ring)
+        b = self._choose(ring)
+        if b is a:
+            b = self._choose(ring)
+        if not a.healthy:
+            a = b
+        if not b.healthy:
+            b = a
+        if not a.healthy:
+            return _healthy_weighted(ring)
+        if a is b:
+            return a
+        # in_use / weight, compared without division
+        return a if a.in_use * max(1, b.weight) <= b.in_use * max(1, a.weight) else b
+
+
+BALANCERS: Dict[str, Type[Balancer]] = {
+    RoundRobin.name: RoundRobin,
+    RandomBalancer.name: RandomBalancer,
+    LeastLoaded.name: LeastLoaded,
+}
+
+
+def make_balancer(value: object) -> Balancer:
+    """Turn the ``balancer`` option into a Balancer.
+
+    :raises ValueError: naming ``balancer`` when it is neither a known name nor a Balancer.
+    """
+    if isinstance(value, Balancer):
+        return value
+    if isinstance(value, str) and value in BALANCERS:
+        return BALANCERS[value]()
+    raise ValueError(f"balancer must be one of {', '.join(map(repr, BALANCERS))} or a "
+                     f"Balancer, got {value!r}")

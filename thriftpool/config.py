@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, FrozenSet, Iterable, Optional, Union
 
 from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory
@@ -93,6 +93,7 @@ class PoolConfig:
     naming the option; the pool passes this one object down instead of re-listing options.
     """
 
+    service: Any
     name: str
     min_size: int
     initial_size: int
@@ -111,11 +112,18 @@ class PoolConfig:
     backoff_multiplier: float
     backoff_max: float
     backoff_jitter: float
+    failure_threshold: int
+    heartbeat: Optional[str]
+    heartbeat_interval: float
+    retries: int
+    idempotent: FrozenSet[str]
+    retry_budget: float
 
     @classmethod
     def build(
         cls,
         *,
+        service: Any = None,
         name: str = "",
         min_size: int = 1,
         initial_size: Union[int, Any] = UNSET,
@@ -134,6 +142,12 @@ class PoolConfig:
         backoff_multiplier: float = 1.6,
         backoff_max: float = 120.0,
         backoff_jitter: float = 0.2,
+        failure_threshold: int = 3,
+        heartbeat: Optional[str] = None,
+        heartbeat_interval: float = 30.0,
+        retries: int = 2,
+        idempotent: Union[Iterable[str], bool] = (),
+        retry_budget: float = 0.2,
     ) -> "PoolConfig":
         """Validate the options and freeze them.
 
@@ -169,7 +183,32 @@ class PoolConfig:
         connect = _check_seconds("connect_timeout", connect_timeout, allow_none=False)
         interval = _check_seconds("watchdog_interval", watchdog_interval, allow_none=False)
         assert checkout is not None and connect is not None and interval is not None
+        methods = list(getattr(service, "thrift_services", None) or ())
+        if heartbeat is not None:
+            if heartbeat not in methods:
+                raise ValueError(f"heartbeat must name a method of the service, got {heartbeat!r}")
+            if getattr(getattr(service, heartbeat + "_args"), "thrift_spec", None):
+                raise ValueError(f"heartbeat method {heartbeat!r} must take no arguments")
+        beat_interval = _check_seconds("heartbeat_interval", heartbeat_interval,
+                                       allow_none=False)
+        assert beat_interval is not None
+        if idempotent is True:
+            idempotent_set = frozenset(methods)
+        elif idempotent is False or idempotent is None:
+            idempotent_set = frozenset()
+        elif isinstance(idempotent, str):
+            raise ValueError(f"idempotent must be a list of method names, got {idempotent!r}")
+        else:
+            try:
+                idempotent_set = frozenset(idempotent)
+            except TypeError:
+                raise ValueError(f"idempotent must be a list of method names or True, "
+                                 f"got {idempotent!r}") from None
+            unknown = sorted(m for m in idempotent_set if m not in methods)
+            if unknown:
+                raise ValueError(f"idempotent names methods the service lacks: {unknown}")
         return cls(
+            service=service,
             name=name,
             min_size=min_size,
             initial_size=initial_size,
@@ -188,4 +227,10 @@ class PoolConfig:
             backoff_multiplier=float(backoff_multiplier),
             backoff_max=backoff_max_s,
             backoff_jitter=_check_fraction("backoff_jitter", backoff_jitter, 1.0),
+            failure_threshold=_check_int("failure_threshold", failure_threshold, 1),
+            heartbeat=heartbeat,
+            heartbeat_interval=beat_interval,
+            retries=_check_int("retries", retries, 0),
+            idempotent=idempotent_set,
+            retry_budget=_check_fraction("retry_budget", retry_budget, 1.0),
         )

@@ -100,7 +100,9 @@ class PooledClient(TClient):
         # From the first byte written until the reply is read in full the stream is in
         # an unknown state: whatever interrupts the call, the socket must not be reused.
         conn.in_call = True
+        conn.sent = False
         self._send(_api, **kwargs)
+        conn.sent = True
         if getattr(service, _api + "_result").oneway:
             conn.in_call = False
             return None
@@ -156,7 +158,7 @@ class Connection:
     """
 
     __slots__ = ("address", "socket", "transport", "protocol", "created_at", "expires_at",
-                 "idle_since", "seqid", "in_call", "_poller", "_fd")
+                 "idle_since", "seqid", "in_call", "sent", "_poller", "_fd")
 
     def __init__(self, address: Address, tsocket: TSocket, transport: Any, protocol: Any,
                  created_at: float, expires_at: float) -> None:
@@ -169,6 +171,7 @@ class Connection:
         self.idle_since = created_at
         self.seqid = 0
         self.in_call = False
+        self.sent = True  # False from the start of a call until its request was flushed
         sock = tsocket.sock
         self._fd = sock.fileno() if sock is not None else -1
         self._poller: Any = None

@@ -99,8 +99,10 @@ class InstancePool:
                                 config.backoff_max, config.backoff_jitter)
         self.next_attempt_at = 0.0
         self.last_failure_at = 0.0
+        self.last_attempt_at = 0.0
         self.last_error: Optional[BaseException] = None
         self._probing = False
+        self._errors = 0  # consecutive calls that failed with a transport error
         # The first fill opens initial_size connections; later fills keep min_size.
         self._fill_target = config.initial_size
         self.opened_total = 0
@@ -130,7 +132,11 @@ class InstancePool:
                 if self._idle:
                     conn = self._idle.pop()
                     self._in_use.add(conn)
-                elif len(self._in_use) + self._opening < self._config.max_size:
+                elif (len(self._in_use) + self._opening < self._config.max_size
+                      and not (self._opening and not self._in_use)):
+                    # (With no connection established yet and one already being opened,
+                    # wait for that one instead of racing more connects at a server
+                    # that may be down: no connect storms.)
                     self._opening += 1
                     permit = True
                 else:
@@ -193,15 +199,22 @@ class InstancePool:
         err.event = event  # type: ignore[attr-defined]
         return err
 
-    def release(self, conn: Connection, discard: bool = False) -> None:
+    def release(self, conn: Connection, discard: bool = False, failed: bool = False) -> None:
         """Check a connection back in; close it instead when it must not be reused.
 
         A connection is closed when ``discard`` is set (the call failed mid-stream), when it
         outlived ``max_lifetime``, or when the instance was removed or the pool closed.
         Otherwise it goes to the longest waiter, or on top of the idle stack.
+
+        :param failed: the call failed with a transport error: it counts towards ejecting
+            the instance after ``failure_threshold`` in a row; a clean checkin resets that.
         """
         now = _compat.monotonic()
         to_close: Optional[Connection] = None
+        if failed:
+            self._call_failed(now)
+        elif self._errors or self._backoff.failures:
+            self._call_succeeded()
         with self._lock:
             self._in_use.discard(conn)
             if discard or self._closed or now >= conn.expires_at:
@@ -248,13 +261,21 @@ class InstancePool:
         return conn
 
     def _open_failed(self, exc: BaseException, probe: bool) -> None:
-        now = _compat.monotonic()
         with self._lock:
             self._opening -= 1
             if probe:
                 self._probing = False
-            if not isinstance(exc, Exception):
-                return  # interrupted (KeyboardInterrupt, gevent.Timeout): not the server's fault
+        if isinstance(exc, Exception):  # not KeyboardInterrupt, gevent.Timeout: not the server
+            self.eject(exc, "connect failed")
+
+    def eject(self, exc: Optional[BaseException], why: str) -> None:
+        """Mark the instance unhealthy: the balancer skips it until a probe succeeds.
+
+        The next attempt is allowed after an exponential backoff with jitter that grows
+        with each consecutive failure; waiters go to other instances.
+        """
+        now = _compat.monotonic()
+        with self._lock:
             was_healthy = self.healthy
             self.healthy = False
             self.last_failure_at = now
@@ -262,34 +283,66 @@ class InstancePool:
             delay = self._backoff.next_delay()
             self.next_attempt_at = now + delay
             failures = self._backoff.failures
+            self._errors = 0
             # Nobody should wait on a failing instance: send every waiter elsewhere.
             waiters = list(self._waiters)
             self._waiters.clear()
             for w in waiters:
                 w.fail(Reroute(self.key))
-        log = logger.warning if was_healthy else logger.info
-        log("pool %r: instance %s unhealthy after connect failure %d (%s); next attempt "
-            "in %.2fs", self._pool_name, self.key, failures, exc, delay)
+        if was_healthy:
+            logger.warning("pool %r: instance %s ejected: %s (%s); next attempt in %.2fs",
+                           self._pool_name, self.key, why, exc, delay)
+        else:
+            logger.info("pool %r: instance %s still failing (%d in a row): %s (%s); next "
+                        "attempt in %.2fs", self._pool_name, self.key, failures, why, exc,
+                        delay)
+
+    def _call_failed(self, now: float) -> None:
+        with self._lock:
+            self._errors += 1
+            eject = self.healthy and self._errors >= self._config.failure_threshold
+            count = self._errors
+        if eject:
+            self.eject(None, f"{count} calls in a row failed with transport errors")
+
+    def _call_succeeded(self) -> None:
+        with self._lock:
+            self._errors = 0
+            self._backoff.reset()
 
     def _record_success(self) -> None:
-        if self.healthy and not self._backoff.failures:
+        """A connect succeeded: an ejected instance takes traffic again.
+
+        Its backoff is kept until a call succeeds too, so a server that accepts but does not
+        answer is ejected again with a longer delay each time.
+        """
+        if self.healthy:
             return
         with self._lock:
             was_healthy = self.healthy
             self.healthy = True
-            self._backoff.reset()
             self.next_attempt_at = 0.0
         if not was_healthy:
-            logger.info("pool %r: instance %s is healthy again", self._pool_name, self.key)
+            logger.info("pool %r: instance %s restored: a probe connected", self._pool_name,
+                        self.key)
 
-    def try_probe(self, now: float) -> bool:
-        """Reserve the one probe connection of an unhealthy instance if its backoff has passed."""
+    def try_probe(self, now: float, panic: bool = False) -> bool:
+        """Reserve the one probe connection of an unhealthy instance.
+
+        Allowed once the backoff has passed; in panic mode (every instance is unhealthy and
+        a caller is waiting) also when the last attempt is at least ``backoff_initial`` old,
+        so a full outage ends about as soon as a server is back, without a connect storm.
+        """
         with self._lock:
-            if (self._closed or self._probing or now < self.next_attempt_at
+            if (self._closed or self._probing
                     or len(self._in_use) + self._opening >= self._config.max_size):
+                return False
+            if now < self.next_attempt_at and not (
+                    panic and now - self.last_attempt_at >= self._config.backoff_initial):
                 return False
             self._probing = True
             self._opening += 1
+            self.last_attempt_at = now
             return True
 
     # -- watchdog --------------------------------------------------------------------
@@ -328,17 +381,33 @@ class InstancePool:
             target = min(max(self._fill_target, config.min_size), config.max_size)
             if self.healthy:
                 to_open = max(0, target - total)
-            elif (demand or target > 0) and not self._probing and now >= self.next_attempt_at \
+            elif demand and not self._probing and now >= self.next_attempt_at \
                     and total < config.max_size:
+                # Unhealthy: one probe once the backoff has passed, and only while checkouts
+                # want this pool (no reconnects with no demand).
                 to_open = 1
                 probe = True
                 self._probing = True
+                self.last_attempt_at = now
             self._opening += to_open
+            beat: List[Connection] = []
+            if config.heartbeat is not None and self.healthy and self._idle:
+                interval = config.heartbeat_interval
+                keep = []
+                for conn in self._idle:
+                    if now - conn.idle_since >= interval:
+                        beat.append(conn)
+                        self._in_use.add(conn)
+                    else:
+                        keep.append(conn)
+                self._idle[:] = keep
         for conn in to_close:
             conn.close()
         if to_close:
             logger.debug("pool %r: closed %d idle/expired connections to %s",
                          self._pool_name, len(to_close), self.key)
+        for conn in beat:
+            self._heartbeat(conn)
         for i in range(to_open):
             if not self._open_idle(probe):
                 with self._lock:
@@ -347,6 +416,22 @@ class InstancePool:
         else:
             if to_open and self._fill_target > config.min_size:
                 self._fill_target = config.min_size
+
+    def _heartbeat(self, conn: Connection) -> None:
+        """Call the ``heartbeat`` method on an idle connection; a failure discards it."""
+        from .connection import PooledClient
+
+        client = PooledClient(self._config.service, conn)
+        try:
+            client._req(self._config.heartbeat)  # type: ignore[arg-type]
+        except Exception as exc:
+            logger.info("pool %r: heartbeat %s() to %s failed: %s", self._pool_name,
+                        self._config.heartbeat, self.key, exc)
+            self.release(conn, discard=True, failed=True)
+        else:
+            self.release(conn)
+        finally:
+            client._conn = None
 
     def _open_idle(self, probe: bool) -> bool:
         """Open one connection in the background and hand it to a waiter or the idle stack."""
@@ -424,8 +509,10 @@ class InstancePool:
 
     def has_capacity(self) -> bool:
         """A hint, read without the lock: an idle connection or a free slot exists."""
-        return bool(self._idle) or \
-            len(self._in_use) + self._opening < self._config.max_size
+        if self._idle:
+            return True
+        in_use, opening = len(self._in_use), self._opening
+        return in_use + opening < self._config.max_size and not (opening and not in_use)
 
     @property
     def closed(self) -> bool:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 from types import ModuleType, TracebackType
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Type, Union
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Type, Union
 
 from . import _compat
 from .address import Address, AddressLike, Endpoint
-from .balancer import Balancer, RoundRobin
+from .balancer import Balancer, make_balancer
 from .config import UNSET, PoolConfig
 from .connection import Connection, PooledClient, is_connect_error, should_discard
 from .discovery.base import Discovery
@@ -16,6 +16,7 @@ from .discovery.static import StaticDiscovery
 from .errors import NoAvailableInstance, PoolClosed, PoolExhausted
 from .events import ExhaustedCallback, ExhaustedEvent
 from .instance import InstancePool, Reroute
+from .backoff import RetryBudget
 from .watchdog import Watchdog
 
 __all__ = ["Checkout", "ThriftPool"]
@@ -25,8 +26,6 @@ logger = logging.getLogger(__name__)
 #: Without min_size, an unhealthy instance is probed in the background only if the pool
 #: served a checkout this recently (no reconnects while nothing needs the instance).
 _DEMAND_WINDOW = 60.0
-
-_BALANCERS = {"round_robin": RoundRobin}
 
 
 class ThriftPool:
@@ -96,7 +95,13 @@ class ThriftPool:
         backoff_multiplier: float = 1.6,
         backoff_max: float = 120.0,
         backoff_jitter: float = 0.2,
-        balancer: Union[str, Balancer] = "round_robin",
+        balancer: Union[str, Balancer] = "least_loaded",
+        failure_threshold: int = 3,
+        heartbeat: Optional[str] = None,
+        heartbeat_interval: float = 30.0,
+        retries: int = 2,
+        idempotent: Union[Iterable[str], bool] = (),
+        retry_budget: float = 0.2,
     ) -> None:
         self._closed = True  # until fully built, so __del__ and close() are safe
         if not isinstance(service, type) and not isinstance(service, ModuleType) \
@@ -105,29 +110,25 @@ class ThriftPool:
         if name is None:
             name = getattr(service, "__name__", "thrift")
         self.config = PoolConfig.build(
-            name=name, min_size=min_size, initial_size=initial_size, max_size=max_size,
+            service=service, name=name, min_size=min_size, initial_size=initial_size, max_size=max_size,
             checkout_timeout=checkout_timeout, idle_timeout=idle_timeout,
             max_lifetime=max_lifetime, lifetime_jitter=lifetime_jitter,
             connect_timeout=connect_timeout, socket_timeout=socket_timeout,
             transport=transport, protocol=protocol, on_exhausted=on_exhausted,
             watchdog_interval=watchdog_interval, backoff_initial=backoff_initial,
             backoff_multiplier=backoff_multiplier, backoff_max=backoff_max,
-            backoff_jitter=backoff_jitter)
+            backoff_jitter=backoff_jitter, failure_threshold=failure_threshold,
+            heartbeat=heartbeat, heartbeat_interval=heartbeat_interval, retries=retries,
+            idempotent=idempotent, retry_budget=retry_budget)
         if discovery is None:
             raise ValueError("discovery must be a Discovery or a list of addresses")
         if not isinstance(discovery, Discovery):
             discovery = StaticDiscovery(discovery)  # type: ignore[arg-type]
-        if isinstance(balancer, str):
-            try:
-                balancer = _BALANCERS[balancer]()
-            except KeyError:
-                raise ValueError(f"balancer must be one of {', '.join(_BALANCERS)}, "
-                                 f"got {balancer!r}") from None
-        elif not isinstance(balancer, Balancer):
-            raise ValueError(f"balancer must be a name or a Balancer, got {balancer!r}")
+        balancer = make_balancer(balancer)
         self.service = service
         self.name = name
         self._balancer = balancer
+        self._retry_budget = RetryBudget(self.config.retry_budget)
         self._discovery = discovery
         # The pool lock guards only the instance map, the ring and the close list; each
         # instance guards its own connections.  Built here, while single-threaded.
@@ -216,7 +217,8 @@ class ThriftPool:
         """
         return Checkout(self, timeout)
 
-    def _acquire(self, timeout: Optional[float]) -> Tuple[InstancePool, Connection]:
+    def _acquire(self, timeout: Optional[float], exclude: Optional[Set[InstancePool]] = None
+                 ) -> Tuple[InstancePool, Connection]:
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
         now = _compat.monotonic()
@@ -230,6 +232,11 @@ class ThriftPool:
             if inst is None:
                 inst = self._panic_pick(ring, last_error)
                 probe = True
+            elif exclude and inst in exclude:
+                # A retry: another instance than the ones that already failed this call.
+                inst = next((i for i in ring if i.healthy and i not in exclude
+                             and i.has_capacity()), None) or next(
+                    (i for i in ring if i.healthy and i not in exclude), inst)
             elif not inst.has_capacity():
                 # Prefer another healthy instance that can serve now over waiting.
                 inst = next((i for i in ring if i.healthy and i.has_capacity()), inst)
@@ -255,8 +262,10 @@ class ThriftPool:
         if not ring:
             raise NoAvailableInstance(f"pool {self.name!r}: discovery reports no instances")
         now = _compat.monotonic()
-        for inst in sorted(ring, key=lambda i: i.next_attempt_at):
-            if inst.try_probe(now):
+        # Panic mode: rather than fail without a try, probe the instance that failed
+        # longest ago (one probe at a time per instance, at most one per backoff_initial).
+        for inst in sorted(ring, key=lambda i: i.last_failure_at):
+            if inst.try_probe(now, panic=True):
                 return inst
         soonest = min(ring, key=lambda i: i.next_attempt_at)
         cause = last_error or soonest.last_error
@@ -372,18 +381,22 @@ class ThriftPool:
 class Checkout:
     """The context manager that :meth:`ThriftPool.checkout` returns (one use only)."""
 
-    __slots__ = ("_pool", "_timeout", "_inst", "_conn", "_client")
+    __slots__ = ("_pool", "_timeout", "_exclude", "_inst", "_conn", "_client", "sent")
 
-    def __init__(self, pool: ThriftPool, timeout: Optional[float]) -> None:
+    def __init__(self, pool: ThriftPool, timeout: Optional[float],
+                 exclude: Optional[Set[InstancePool]] = None) -> None:
         self._pool = pool
         self._timeout = timeout
+        self._exclude = exclude
+        self._inst: Optional[InstancePool] = None
         self._conn: Optional[Connection] = None
+        self.sent = True
 
     def __enter__(self) -> PooledClient:
         if self._conn is not None:
             raise RuntimeError("a checkout can be entered only once")
         pool = self._pool
-        self._inst, conn = pool._acquire(self._timeout)
+        self._inst, conn = pool._acquire(self._timeout, self._exclude)
         self._conn = conn
         self._client = client = PooledClient(pool.service, conn)
         return client
@@ -394,7 +407,10 @@ class Checkout:
         if conn is None:
             return
         self._client._conn = None
+        self.sent = conn.sent
         # in_call: an exception (any, even KeyboardInterrupt) cut a call short, so the
         # stream holds half a request or an unread reply.
-        discard = conn.in_call or (exc is not None and should_discard(exc))
-        self._inst.release(conn, discard)
+        failed = exc is not None and should_discard(exc)
+        discard = failed or conn.in_call
+        assert self._inst is not None
+        self._inst.release(conn, discard, failed and isinstance(exc, Exception))

@@ -81,7 +81,7 @@ class PooledClient(TClient):
 
     def _req(self, _api: str, *args: Any, **kwargs: Any) -> Any:
         conn = self._conn
-        if conn is None:
+        if conn is None or conn.detached:
             raise ClientReleased(
                 f"{_api}() called after its checkout ended; its connection may belong "
                 "to another caller now")
@@ -158,7 +158,7 @@ class Connection:
     """
 
     __slots__ = ("address", "socket", "transport", "protocol", "created_at", "expires_at",
-                 "idle_since", "seqid", "in_call", "sent", "_poller", "_fd")
+                 "idle_since", "seqid", "in_call", "sent", "detached", "_poller", "_fd")
 
     def __init__(self, address: Address, tsocket: TSocket, transport: Any, protocol: Any,
                  created_at: float, expires_at: float) -> None:
@@ -172,6 +172,7 @@ class Connection:
         self.seqid = 0
         self.in_call = False
         self.sent = True  # False from the start of a call until its request was flushed
+        self.detached = False  # set in a forked child: the socket belongs to the parent
         sock = tsocket.sock
         self._fd = sock.fileno() if sock is not None else -1
         self._poller: Any = None
@@ -247,6 +248,7 @@ class Connection:
         parent stays open there and nothing is written to it.
         """
         self._poller = None
+        self.detached = True
         sock = self.socket.sock
         self.socket.sock = None
         if sock is not None:

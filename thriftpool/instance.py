@@ -216,23 +216,27 @@ class InstancePool:
         elif self._errors or self._backoff.failures:
             self._call_succeeded()
         with self._lock:
-            self._in_use.discard(conn)
-            if discard or self._closed or now >= conn.expires_at:
+            if conn not in self._in_use:
+                # Not ours (any more): checked out before a fork and detached since.
                 to_close = conn
-                self.closed_total += 1
-                # The freed slot goes to the first waiter still waiting, as a permit.
-                while self._waiters and not self._closed:
-                    if self._waiters.popleft().give_permit():
-                        self._opening += 1
-                        break
             else:
-                conn.idle_since = now
-                while self._waiters:
-                    if self._waiters.popleft().give(conn):
-                        self._in_use.add(conn)
-                        break
+                self._in_use.remove(conn)
+                if discard or self._closed or now >= conn.expires_at:
+                    to_close = conn
+                    self.closed_total += 1
+                    # The freed slot goes to the first waiter still waiting, as a permit.
+                    while self._waiters and not self._closed:
+                        if self._waiters.popleft().give_permit():
+                            self._opening += 1
+                            break
                 else:
-                    self._idle.append(conn)
+                    conn.idle_since = now
+                    while self._waiters:
+                        if self._waiters.popleft().give(conn):
+                            self._in_use.add(conn)
+                            break
+                    else:
+                        self._idle.append(conn)
         if to_close is not None:
             to_close.close()
 

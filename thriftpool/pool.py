@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from types import ModuleType, TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Type, Union
 
@@ -26,6 +28,21 @@ logger = logging.getLogger(__name__)
 #: Without min_size, an unhealthy instance is probed in the background only if the pool
 #: served a checkout this recently (no reconnects while nothing needs the instance).
 _DEMAND_WINDOW = 60.0
+
+#: Every open pool of this process, for the fork handler.
+_POOLS: "weakref.WeakSet[ThriftPool]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        try:
+            pool._after_fork()
+        except Exception:  # pragma: no cover - never let a pool break fork()
+            logger.exception("pool %r: after-fork reset failed", pool.name)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class ThriftPool:
@@ -137,9 +154,11 @@ class ThriftPool:
         self._ring: Tuple[InstancePool, ...] = ()
         self._to_close: List[Connection] = []  # idle sockets of removed instances
         self._last_checkout = 0.0
+        self._forked = False
         self._watchdog = Watchdog(self, self.config.watchdog_interval,
                                   f"thriftpool-{name}-watchdog")
         self._closed = False
+        _POOLS.add(self)
         try:
             discovery.start(self._on_discovery, name)
             self._watchdog.start()
@@ -221,6 +240,8 @@ class ThriftPool:
                  ) -> Tuple[InstancePool, Connection]:
         if self._closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
+        if self._forked:
+            self._restart_after_fork()
         now = _compat.monotonic()
         self._last_checkout = now
         deadline = now + (self.config.checkout_timeout if timeout is None else timeout)
@@ -308,6 +329,41 @@ class ThriftPool:
                 return
             inst.maintain(now, demand)
 
+    # -- fork --------------------------------------------------------------------------
+
+    def _after_fork(self) -> None:
+        """In a forked child (called by ``os.register_at_fork``): drop what was inherited.
+
+        Only the forking thread survives a fork, so the watchdog and discovery threads are
+        gone and any lock may be stuck; inherited sockets are shared with the parent and
+        must never carry a byte from the child.  Fresh locks, sockets released without a
+        ``shutdown()`` (the parent's connections stay up), and a restart on first use.
+        """
+        if self._closed:
+            return
+        self._lock = _compat.Lock()
+        for inst in self._instances.values():
+            inst.detach_all()
+        for conn in self._to_close:
+            conn.detach()
+        self._to_close = []
+        self._watchdog.after_fork()
+        try:
+            self._discovery.after_fork()
+        except Exception:
+            logger.exception("pool %r: discovery after-fork reset failed", self.name)
+        self._forked = True
+
+    def _restart_after_fork(self) -> None:
+        with self._lock:
+            if not self._forked:
+                return
+            self._forked = False
+        logger.info("pool %r: restarting in forked child %d", self.name, os.getpid())
+        self._discovery.start(self._on_discovery, self.name)
+        self._watchdog.start()
+        self._watchdog.wake()
+
     # -- inspection and lifecycle ------------------------------------------------------
 
     def stats(self) -> Dict[str, Any]:
@@ -341,6 +397,7 @@ class ThriftPool:
             if self._closed:
                 return
             self._closed = True
+            _POOLS.discard(self)
             instances = list(self._instances.values())
             to_close, self._to_close = self._to_close, []
             self._instances = {}

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from typing import Optional, Tuple
+from typing import Optional
 
 import thriftpy2
 from thriftpy2.rpc import make_server

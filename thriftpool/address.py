@@ -51,7 +51,7 @@ def _check_port(port: Any, option: str, value: Any) -> int:
 
 
 def parse_address(value: Any, option: str = "address") -> Address:
-    """Turn ``"host:port"``, ``"[v6]:port"``, ``(host, port)`` or an :class:`Address` into an Address.
+    """Parse ``"host:port"``, ``"[v6]:port"``, ``(host, port)`` or an :class:`Address`.
 
     :param option: the option name to put in the error message.
     :raises ValueError: naming ``option`` when ``value`` is not a valid address.

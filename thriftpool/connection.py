@@ -188,11 +188,10 @@ class Connection:
 
         :raises TTransportException: ``NOT_OPEN`` when the connect fails or times out.
         """
-        tsocket = TSocket(address.host, address.port,
-                          socket_family=socket.AF_INET6 if ":" in address.host
-                          else socket.AF_INET,
-                          socket_timeout=_ms(config.socket_timeout),  # type: ignore[arg-type]
-                          connect_timeout=_ms(config.connect_timeout))
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        tsocket = TSocket(  # type: ignore[no-untyped-call]
+            address.host, address.port, socket_family=family,
+            socket_timeout=_ms(config.socket_timeout), connect_timeout=_ms(config.connect_timeout))
         if config.socket_timeout is None:
             tsocket.socket_timeout = None
         transport = config.transport_factory.get_transport(tsocket)
@@ -237,7 +236,7 @@ class Connection:
             self.transport.close()
         except Exception:
             try:
-                self.socket.close()
+                self.socket.close()  # type: ignore[no-untyped-call]
             except Exception:
                 pass
 

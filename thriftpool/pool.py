@@ -127,7 +127,8 @@ class ThriftPool:
         if name is None:
             name = getattr(service, "__name__", "thrift")
         self.config = PoolConfig.build(
-            service=service, name=name, min_size=min_size, initial_size=initial_size, max_size=max_size,
+            service=service, name=name, min_size=min_size, initial_size=initial_size,
+            max_size=max_size,
             checkout_timeout=checkout_timeout, idle_timeout=idle_timeout,
             max_lifetime=max_lifetime, lifetime_jitter=lifetime_jitter,
             connect_timeout=connect_timeout, socket_timeout=socket_timeout,

@@ -32,5 +32,5 @@ class Discovery(abc.ABC):
     def stop(self) -> None:
         """Stop delivering snapshots and release resources; idempotent."""
 
-    def after_fork(self) -> None:
+    def after_fork(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Called in a forked child before the pool restarts discovery (default: nothing)."""

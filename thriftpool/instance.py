@@ -17,7 +17,7 @@ from .address import Address, Endpoint
 from .backoff import Backoff
 from .connection import Connection
 from .errors import PoolClosed, PoolExhausted, ThriftPoolError
-from .events import ExhaustedEvent
+from .events import Emitter, ExhaustedEvent
 
 if TYPE_CHECKING:
     from .config import PoolConfig
@@ -79,7 +79,8 @@ class InstancePool:
     Thread-safe.  Built and driven by :class:`~thriftpool.ThriftPool`; not public API.
     """
 
-    def __init__(self, endpoint: Endpoint, config: "PoolConfig", pool_name: str) -> None:
+    def __init__(self, endpoint: Endpoint, config: "PoolConfig", pool_name: str,
+                 events: Optional[Emitter] = None) -> None:
         self.address: Address = endpoint.address
         self.key = str(endpoint.address)
         self.weight = endpoint.weight
@@ -91,7 +92,8 @@ class InstancePool:
         self._opening = 0
         self._waiters: Deque[_Waiter] = deque()
         self._closed = False
-        self._closed_error: Optional[BaseException] = None
+        self._close_reason = "pool_closed"
+        self._events = events if events is not None else Emitter(pool_name)
         # Health: a failed connect marks the instance unhealthy; nobody connects to it
         # again before next_attempt_at, and then only one probe at a time.
         self.healthy = True
@@ -147,8 +149,11 @@ class InstancePool:
                     else:
                         exhausted = self._exhausted_event_locked()
             if conn is not None:
-                if conn.peer_closed() or conn.is_expired(_compat.monotonic()):
-                    self.release(conn, discard=True)
+                if conn.peer_closed():
+                    self.release(conn, discard=True, reason="peer_closed")
+                    continue
+                if conn.is_expired(_compat.monotonic()):
+                    self.release(conn, discard=True, reason="expired")
                     continue
                 return conn
             if permit:
@@ -162,7 +167,7 @@ class InstancePool:
                     return self._open_for_checkout()
                 continue  # pragma: no cover - a woken waiter carries a conn, permit or error
             if conn.peer_closed():
-                self.release(conn, discard=True)
+                self.release(conn, discard=True, reason="peer_closed")
                 continue
             return conn
 
@@ -199,7 +204,8 @@ class InstancePool:
         err.event = event  # type: ignore[attr-defined]
         return err
 
-    def release(self, conn: Connection, discard: bool = False, failed: bool = False) -> None:
+    def release(self, conn: Connection, discard: bool = False, failed: bool = False,
+                reason: Optional[str] = None) -> None:
         """Check a connection back in; close it instead when it must not be reused.
 
         A connection is closed when ``discard`` is set (the call failed mid-stream), when it
@@ -208,6 +214,8 @@ class InstancePool:
 
         :param failed: the call failed with a transport error: it counts towards ejecting
             the instance after ``failure_threshold`` in a row; a clean checkin resets that.
+        :param reason: why a discarded connection is closed, for listeners (default
+            ``"error"``).
         """
         now = _compat.monotonic()
         to_close: Optional[Connection] = None
@@ -219,10 +227,17 @@ class InstancePool:
             if conn not in self._in_use:
                 # Not ours (any more): checked out before a fork and detached since.
                 to_close = conn
+                reason = None
             else:
                 self._in_use.remove(conn)
                 if discard or self._closed or now >= conn.expires_at:
                     to_close = conn
+                    if discard:
+                        reason = reason or "error"
+                    elif self._closed:
+                        reason = self._close_reason
+                    else:
+                        reason = "expired"
                     self.closed_total += 1
                     # The freed slot goes to the first waiter still waiting, as a permit.
                     while self._waiters and not self._closed:
@@ -239,6 +254,8 @@ class InstancePool:
                         self._idle.append(conn)
         if to_close is not None:
             to_close.close()
+            if reason is not None and self._events:
+                self._events.emit("connection_closed", self.key, reason)
 
     def _open_for_checkout(self, probe: bool = False) -> Connection:
         """Open a connection for a checkout; the caller already counted it in ``_opening``."""
@@ -258,8 +275,10 @@ class InstancePool:
             else:
                 self._in_use.add(conn)
                 closed = False
+        if self._events:
+            self._events.emit("connection_opened", self.key)
         if closed:
-            conn.close()
+            self._close_all([conn], self._close_reason)
             raise Reroute(self.key)
         self._record_success()
         return conn
@@ -296,6 +315,9 @@ class InstancePool:
         if was_healthy:
             logger.warning("pool %r: instance %s ejected: %s (%s); next attempt in %.2fs",
                            self._pool_name, self.key, why, exc, delay)
+            if self._events:
+                self._events.emit("instance_ejected", self.key,
+                                  f"{why} ({exc})" if exc is not None else why, delay)
         else:
             logger.info("pool %r: instance %s still failing (%d in a row): %s (%s); next "
                         "attempt in %.2fs", self._pool_name, self.key, failures, why, exc,
@@ -329,6 +351,8 @@ class InstancePool:
         if not was_healthy:
             logger.info("pool %r: instance %s restored: a probe connected", self._pool_name,
                         self.key)
+            if self._events:
+                self._events.emit("instance_restored", self.key)
 
     def try_probe(self, now: float, panic: bool = False) -> bool:
         """Reserve the one probe connection of an unhealthy instance.
@@ -361,6 +385,7 @@ class InstancePool:
         """
         config = self._config
         to_close: List[Connection] = []
+        expired: List[Connection] = []
         to_open = 0
         probe = False
         with self._lock:
@@ -372,16 +397,18 @@ class InstancePool:
                 idle_timeout = config.idle_timeout
                 # The stack's bottom holds the connections idle the longest.
                 for conn in self._idle:
-                    if now >= conn.expires_at or (
-                            idle_timeout is not None and total > config.min_size
+                    if now >= conn.expires_at:
+                        expired.append(conn)
+                        total -= 1
+                    elif (idle_timeout is not None and total > config.min_size
                             and now - conn.idle_since >= idle_timeout):
                         to_close.append(conn)
                         total -= 1
                     else:
                         keep.append(conn)
-                if to_close:
+                if to_close or expired:
                     self._idle[:] = keep
-                    self.closed_total += len(to_close)
+                    self.closed_total += len(to_close) + len(expired)
             target = min(max(self._fill_target, config.min_size), config.max_size)
             if self.healthy:
                 to_open = max(0, target - total)
@@ -405,11 +432,11 @@ class InstancePool:
                     else:
                         keep.append(conn)
                 self._idle[:] = keep
-        for conn in to_close:
-            conn.close()
-        if to_close:
-            logger.debug("pool %r: closed %d idle/expired connections to %s",
-                         self._pool_name, len(to_close), self.key)
+        if to_close or expired:
+            self._close_all(to_close, "idle")
+            self._close_all(expired, "expired")
+            logger.debug("pool %r: closed %d idle and %d expired connections to %s",
+                         self._pool_name, len(to_close), len(expired), self.key)
         for conn in beat:
             self._heartbeat(conn)
         for i in range(to_open):
@@ -431,7 +458,7 @@ class InstancePool:
         except Exception as exc:
             logger.info("pool %r: heartbeat %s() to %s failed: %s", self._pool_name,
                         self._config.heartbeat, self.key, exc)
-            self.release(conn, discard=True, failed=True)
+            self.release(conn, discard=True, failed=True, reason="heartbeat")
         else:
             self.release(conn)
         finally:
@@ -461,8 +488,10 @@ class InstancePool:
                         break
                 if not for_waiter:
                     self._idle.append(conn)
+        if self._events:
+            self._events.emit("connection_opened", self.key)
         if closed:
-            conn.close()
+            self._close_all([conn], self._close_reason)
             return False
         self._record_success()
         return True
@@ -478,7 +507,7 @@ class InstancePool:
             if self._closed:
                 return []
             self._closed = True
-            self._closed_error = error
+            self._close_reason = "removed" if isinstance(error, Reroute) else "pool_closed"
             idle, self._idle = self._idle, []
             self.closed_total += len(idle)
             waiters = list(self._waiters)
@@ -489,13 +518,19 @@ class InstancePool:
 
     def retire(self) -> None:
         """Discovery removed this instance: waiters go elsewhere, idle sockets close now."""
-        for conn in self.close(Reroute(self.key)):
-            conn.close()
+        self._close_all(self.close(Reroute(self.key)), "removed")
 
     def shutdown(self) -> None:
         """The pool is closing: waiters get :class:`PoolClosed`, idle sockets close now."""
-        for conn in self.close(PoolClosed(f"pool {self._pool_name!r} is closed")):
+        self._close_all(self.close(PoolClosed(f"pool {self._pool_name!r} is closed")),
+                        "pool_closed")
+
+    def _close_all(self, conns: List[Connection], reason: str) -> None:
+        """Close connections already taken out of the pool (never under the lock)."""
+        for conn in conns:
             conn.close()
+            if self._events:
+                self._events.emit("connection_closed", self.key, reason)
 
     def detach_all(self) -> None:
         """After ``fork()``: forget every inherited socket without touching the parent's."""

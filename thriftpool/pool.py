@@ -16,7 +16,7 @@ from .connection import Connection, PooledClient, is_connect_error, should_disca
 from .discovery.base import Discovery
 from .discovery.static import StaticDiscovery
 from .errors import NoAvailableInstance, PoolClosed, PoolExhausted
-from .events import ExhaustedCallback, ExhaustedEvent
+from .events import Emitter, ExhaustedCallback, ExhaustedEvent, PoolListener
 from .instance import InstancePool, Reroute
 from .backoff import RetryBudget
 from .watchdog import Watchdog
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 #: Without min_size, an unhealthy instance is probed in the background only if the pool
 #: served a checkout this recently (no reconnects while nothing needs the instance).
 _DEMAND_WINDOW = 60.0
+
+_LISTENER_METHODS = [m for m in vars(PoolListener) if not m.startswith("_")]
 
 #: Every open pool of this process, for the fork handler.
 _POOLS: "weakref.WeakSet[ThriftPool]" = weakref.WeakSet()
@@ -85,7 +87,18 @@ class ThriftPool:
     :param backoff_max: cap on the reconnect delay, in seconds.
     :param backoff_jitter: reconnect delays are multiplied by a random factor in
         ``[1 - jitter, 1 + jitter]``.
-    :param balancer: ``"round_robin"`` (or a :class:`Balancer` instance).
+    :param balancer: ``"least_loaded"`` (power of two choices on connections in use),
+        ``"round_robin"``, ``"random"``, or a :class:`Balancer` instance.
+    :param failure_threshold: consecutive calls failing with transport errors that eject
+        an instance (a failed connect ejects at once).
+    :param heartbeat: name of a no-argument IDL method the watchdog calls on connections
+        idle for ``heartbeat_interval``; a failure discards the connection.
+    :param heartbeat_interval: seconds of idleness before a heartbeat.
+    :param retries: retries of a ``pool.client()`` call on other instances.
+    :param idempotent: method names (or ``True``: all) that ``pool.client()`` may retry
+        after a transport error or timeout, not only when the request was not sent.
+    :param retry_budget: retries allowed as a fraction of recent calls (plus 10 a second).
+    :param listeners: :class:`PoolListener` objects told of connection and instance events.
     :raises ValueError: naming the option, when an option or an address is invalid.
     """
 
@@ -119,6 +132,7 @@ class ThriftPool:
         retries: int = 2,
         idempotent: Union[Iterable[str], bool] = (),
         retry_budget: float = 0.2,
+        listeners: Iterable[PoolListener] = (),
     ) -> None:
         self._closed = True  # until fully built, so __del__ and close() are safe
         if not isinstance(service, type) and not isinstance(service, ModuleType) \
@@ -147,13 +161,21 @@ class ThriftPool:
         self.name = name
         self._balancer = balancer
         self._retry_budget = RetryBudget(self.config.retry_budget)
+        if isinstance(listeners, (str, bytes)) or not isinstance(listeners, Iterable):
+            raise ValueError(f"listeners must be a list of PoolListener, got {listeners!r}")
+        listeners = tuple(listeners)
+        for listener in listeners:
+            if not any(callable(getattr(listener, m, None)) for m in _LISTENER_METHODS):
+                raise ValueError(f"listeners: {listener!r} has no PoolListener method")
+        self._events = Emitter(name, listeners)
         self._discovery = discovery
         # The pool lock guards only the instance map, the ring and the close list; each
         # instance guards its own connections.  Built here, while single-threaded.
         self._lock = _compat.Lock()
         self._instances: Dict[Address, InstancePool] = {}
         self._ring: Tuple[InstancePool, ...] = ()
-        self._to_close: List[Connection] = []  # idle sockets of removed instances
+        # idle sockets of removed instances, closed by the watchdog
+        self._to_close: List[Tuple[InstancePool, List[Connection]]] = []
         self._last_checkout = 0.0
         self._forked = False
         self._watchdog = Watchdog(self, self.config.watchdog_interval,
@@ -197,24 +219,32 @@ class ThriftPool:
             for address, endpoint in wanted.items():
                 inst = instances.get(address)
                 if inst is None:
-                    instances[address] = InstancePool(endpoint, self.config, self.name)
+                    instances[address] = InstancePool(endpoint, self.config, self.name,
+                                                      self._events)
                     added.append(str(address))
                 else:
                     inst.weight = endpoint.weight
             self._instances = instances
             self._ring = tuple(instances[a] for a in wanted)
-        idle: List[Connection] = []
+        closing = []
         for inst in removed:
             # No socket I/O here: the watchdog, woken below, closes the idle sockets.
-            idle.extend(inst.close(Reroute(inst.key)))
-        if idle:
+            idle = inst.close(Reroute(inst.key))
+            if idle:
+                closing.append((inst, idle))
+        if closing:
             with self._lock:
-                self._to_close.extend(idle)
+                self._to_close.extend(closing)
         if added or removed:
             logger.info("pool %r: instances added %s, removed %s; now %d",
                         self.name, added or "none", [i.key for i in removed] or "none",
                         len(wanted))
             self._watchdog.wake()
+            if self._events:
+                for key in added:
+                    self._events.emit("instance_added", key)
+                for inst in removed:
+                    self._events.emit("instance_removed", inst.key)
 
     # -- checkout ----------------------------------------------------------------------
 
@@ -263,7 +293,10 @@ class ThriftPool:
                 # Prefer another healthy instance that can serve now over waiting.
                 inst = next((i for i in ring if i.healthy and i.has_capacity()), inst)
             try:
-                return inst, inst.acquire(deadline, probe)
+                conn = inst.acquire(deadline, probe)
+                if self._events:
+                    self._events.emit("checkout", inst.key, _compat.monotonic() - now)
+                return inst, conn
             except Reroute:
                 continue
             except PoolExhausted as exc:
@@ -297,8 +330,12 @@ class ThriftPool:
             f"(last error: {cause})") from cause
 
     def _fire_exhausted(self, event: Optional[ExhaustedEvent]) -> None:
+        if event is None:
+            return
+        if self._events:
+            self._events.emit("exhausted", event)
         callback = self.config.on_exhausted
-        if callback is None or event is None:
+        if callback is None:
             return
         try:
             callback(event)
@@ -321,8 +358,8 @@ class ThriftPool:
                 return
             to_close, self._to_close = self._to_close, []
             instances = list(self._instances.values())
-        for conn in to_close:
-            conn.close()
+        for inst, conns in to_close:
+            inst._close_all(conns, "removed")
         now = _compat.monotonic()
         demand = now - self._last_checkout < _DEMAND_WINDOW
         for inst in instances:
@@ -345,8 +382,9 @@ class ThriftPool:
         self._lock = _compat.Lock()
         for inst in self._instances.values():
             inst.detach_all()
-        for conn in self._to_close:
-            conn.detach()
+        for _, conns in self._to_close:
+            for conn in conns:
+                conn.detach()
         self._to_close = []
         self._watchdog.after_fork()
         try:
@@ -410,8 +448,8 @@ class ThriftPool:
         self._watchdog.stop(timeout)
         for inst in instances:
             inst.shutdown()
-        for conn in to_close:
-            conn.close()
+        for inst, conns in to_close:
+            inst._close_all(conns, "removed")
         logger.debug("pool %r closed", self.name)
 
     def __enter__(self) -> "ThriftPool":

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -40,6 +41,7 @@ class State:
         self.accepted = 0
         self.calls = 0
         self.peak = 0
+        self.tls_failures = 0
 
 
 class Handler:
@@ -63,7 +65,17 @@ class Handler:
         raise echo_thrift.EchoError(message=message)
 
 
-def serve_connection(sock, state, processor, trans_factory, proto_factory):
+def serve_connection(sock, state, processor, trans_factory, proto_factory, tls=None):
+    raw = sock  # what the state tracks, and what "drop" shuts down
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_side=True)
+        except (ssl.SSLError, OSError):
+            with state.lock:
+                state.tls_failures += 1
+                state.conns.discard(sock)
+            sock.close()
+            return
     tsock = TSocket(sock=sock)
     trans = trans_factory.get_transport(tsock)
     prot = proto_factory.get_protocol(trans)
@@ -76,14 +88,14 @@ def serve_connection(sock, state, processor, trans_factory, proto_factory):
         pass
     finally:
         with state.lock:
-            state.conns.discard(sock)
+            state.conns.discard(raw)
         try:
             sock.close()
         except OSError:
             pass
 
 
-def accept_loop(listener, state, processor, trans_factory, proto_factory):
+def accept_loop(listener, state, processor, trans_factory, proto_factory, tls=None):
     while True:
         sock, _ = listener.accept()
         with state.lock:
@@ -91,7 +103,8 @@ def accept_loop(listener, state, processor, trans_factory, proto_factory):
             state.accepted += 1
             state.peak = max(state.peak, len(state.conns))
         threading.Thread(target=serve_connection, daemon=True,
-                         args=(sock, state, processor, trans_factory, proto_factory)).start()
+                         args=(sock, state, processor, trans_factory, proto_factory,
+                               tls)).start()
 
 
 def control_loop(listener, state):
@@ -103,7 +116,8 @@ def control_loop(listener, state):
                 if cmd == "stats":
                     with state.lock:
                         reply = {"open": len(state.conns), "accepted": state.accepted,
-                                 "calls": state.calls, "peak": state.peak}
+                                 "calls": state.calls, "peak": state.peak,
+                                 "tls_failures": state.tls_failures}
                 elif cmd == "drop":
                     with state.lock:
                         conns = list(state.conns)
@@ -137,7 +151,17 @@ def main() -> None:
     parser.add_argument("--name", default=None)
     parser.add_argument("--transport", choices=["buffered", "framed"], default="buffered")
     parser.add_argument("--protocol", choices=["binary", "compact"], default="binary")
+    parser.add_argument("--certfile", help="serve TLS with this certificate")
+    parser.add_argument("--keyfile")
+    parser.add_argument("--client-ca", help="require client certificates signed by this CA")
     args = parser.parse_args()
+    tls = None
+    if args.certfile:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.certfile, args.keyfile)
+        if args.client_ca:
+            tls.verify_mode = ssl.CERT_REQUIRED
+            tls.load_verify_locations(args.client_ca)
     trans_factory = {"buffered": TBufferedTransportFactory,
                      "framed": TFramedTransportFactory}[args.transport]()
     proto_factory = {"binary": TBinaryProtocolFactory,
@@ -149,7 +173,7 @@ def main() -> None:
     processor = TProcessor(echo_thrift.Echo, Handler(args.name or f"127.0.0.1:{port}"))
     threading.Thread(target=control_loop, args=(control, state), daemon=True).start()
     print(f"READY {port} {control.getsockname()[1]}", flush=True)
-    accept_loop(listener, state, processor, trans_factory, proto_factory)
+    accept_loop(listener, state, processor, trans_factory, proto_factory, tls)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import thriftpy2
 
@@ -38,11 +38,15 @@ class EchoServer:
     """One echo server subprocess on a loopback port, with its control channel."""
 
     def __init__(self, port: int = 0, name: Optional[str] = None,
-                 transport: str = "buffered", protocol: str = "binary") -> None:
+                 transport: str = "buffered", protocol: str = "binary",
+                 tls: Optional[Tuple[str, str]] = None, client_ca: Optional[str] = None
+                 ) -> None:
         self.requested_port = port
         self.name = name
         self.transport = transport
         self.protocol = protocol
+        self.tls = tls
+        self.client_ca = client_ca
         self.proc: Optional[subprocess.Popen] = None
         self.port = port
         self.control_port = 0
@@ -57,6 +61,10 @@ class EchoServer:
                "--transport", self.transport, "--protocol", self.protocol]
         if self.name:
             cmd += ["--name", self.name]
+        if self.tls:
+            cmd += ["--certfile", self.tls[0], "--keyfile", self.tls[1]]
+        if self.client_ca:
+            cmd += ["--client-ca", self.client_ca]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         result: Dict[str, str] = {}
 

@@ -29,10 +29,13 @@ class Endpoint:
 
     :param address: where the instance listens.
     :param weight: relative share of traffic for weighted balancers (>= 1).
+    :param tls: the instance speaks only TLS: a pool without ``ssl_context`` refuses to
+        connect to it rather than send plaintext.
     """
 
     address: Address
     weight: int = 1
+    tls: bool = False
 
     def __str__(self) -> str:
         return str(self.address)

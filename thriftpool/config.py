@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import ssl
 from dataclasses import dataclass
 from typing import Any, FrozenSet, Iterable, Optional, Union
 
@@ -118,6 +119,8 @@ class PoolConfig:
     retries: int
     idempotent: FrozenSet[str]
     retry_budget: float
+    ssl_context: Optional[ssl.SSLContext]
+    server_hostname: Optional[str]
 
     @classmethod
     def build(
@@ -148,6 +151,8 @@ class PoolConfig:
         retries: int = 2,
         idempotent: Union[Iterable[str], bool] = (),
         retry_budget: float = 0.2,
+        ssl_context: Optional[ssl.SSLContext] = None,
+        server_hostname: Optional[str] = None,
     ) -> "PoolConfig":
         """Validate the options and freeze them.
 
@@ -207,6 +212,14 @@ class PoolConfig:
             unknown = sorted(m for m in idempotent_set if m not in methods)
             if unknown:
                 raise ValueError(f"idempotent names methods the service lacks: {unknown}")
+        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
+            raise ValueError(f"ssl_context must be an ssl.SSLContext, got {ssl_context!r}")
+        if server_hostname is not None:
+            if not isinstance(server_hostname, str) or not server_hostname:
+                raise ValueError(f"server_hostname must be a non-empty string, "
+                                 f"got {server_hostname!r}")
+            if ssl_context is None:
+                raise ValueError("server_hostname needs ssl_context")
         return cls(
             service=service,
             name=name,
@@ -233,4 +246,6 @@ class PoolConfig:
             retries=_check_int("retries", retries, 0),
             idempotent=idempotent_set,
             retry_budget=_check_fraction("retry_budget", retry_budget, 1.0),
+            ssl_context=ssl_context,
+            server_hostname=server_hostname,
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import select
 import socket
+import ssl
 from typing import TYPE_CHECKING, Any, Optional
 
 from thriftpy2.protocol.exc import TProtocolException
@@ -151,6 +152,46 @@ class PooledClient(TClient):
         return f"<PooledClient {self._service.__name__} {state}>"
 
 
+class TLSSocket(TSocket):
+    """A thriftpy2 ``TSocket`` over TLS with the caller's ``ssl.SSLContext``.
+
+    Verification follows the context.  The handshake happens inside ``open()``, before any
+    byte of Thrift is written, so nothing is ever sent in plaintext to a server that fails
+    it, and a failure raises ``TTransportException(NOT_OPEN)`` whose message carries the
+    TLS error (thriftpy2's own ``TSSLSocket`` reduces it to "Could not connect").
+    """
+
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext,
+                 server_hostname: Optional[str], **kwargs: Any) -> None:
+        super().__init__(host, port, **kwargs)  # type: ignore[no-untyped-call]
+        self.ssl_context = ssl_context
+        self.server_hostname = server_hostname or host
+
+    def _init_sock(self) -> None:
+        super()._init_sock()  # type: ignore[no-untyped-call]
+        self.sock = self.ssl_context.wrap_socket(self.sock,
+                                                 server_hostname=self.server_hostname)
+
+    def open(self) -> None:
+        self._init_sock()
+        sock = self.sock
+        addr = f"{self.host}:{self.port}"
+        try:
+            sock.settimeout(self.connect_timeout)
+            sock.connect((self.host, self.port))
+            sock.settimeout(self.socket_timeout)
+        except ssl.SSLError as exc:
+            self.close()  # type: ignore[no-untyped-call]
+            raise TTransportException(
+                type=TTransportException.NOT_OPEN,
+                message=f"TLS handshake with {addr} failed: {exc}") from exc
+        except OSError as exc:
+            self.close()  # type: ignore[no-untyped-call]
+            raise TTransportException(
+                type=TTransportException.NOT_OPEN,
+                message=f"Could not connect to {addr}: {exc}") from exc
+
+
 class Connection:
     """One open socket to one instance, with the bookkeeping the pool needs.
 
@@ -158,7 +199,8 @@ class Connection:
     """
 
     __slots__ = ("address", "socket", "transport", "protocol", "created_at", "expires_at",
-                 "idle_since", "seqid", "in_call", "sent", "detached", "_poller", "_fd")
+                 "idle_since", "seqid", "in_call", "sent", "detached", "_poller", "_fd",
+                 "_tls")
 
     def __init__(self, address: Address, tsocket: TSocket, transport: Any, protocol: Any,
                  created_at: float, expires_at: float) -> None:
@@ -173,6 +215,7 @@ class Connection:
         self.in_call = False
         self.sent = True  # False from the start of a call until its request was flushed
         self.detached = False  # set in a forked child: the socket belongs to the parent
+        self._tls = isinstance(tsocket, TLSSocket)
         sock = tsocket.sock
         self._fd = sock.fileno() if sock is not None else -1
         self._poller: Any = None
@@ -183,15 +226,32 @@ class Connection:
             self._poller.register(self._fd, _POLL_READABLE)
 
     @classmethod
-    def open(cls, address: Address, config: "PoolConfig") -> "Connection":
-        """Connect to ``address``; blocks up to ``config.connect_timeout``.
+    def open(cls, address: Address, config: "PoolConfig", tls_required: bool = False
+             ) -> "Connection":
+        """Connect to ``address`` (and do the TLS handshake when the pool has an
+        ``ssl_context``); blocks up to ``config.connect_timeout``.
 
-        :raises TTransportException: ``NOT_OPEN`` when the connect fails or times out.
+        :param tls_required: the instance advertises TLS; refuse to connect in plaintext.
+        :raises TTransportException: ``NOT_OPEN`` when the connect or the handshake fails
+            or times out, or when plaintext would go to an instance that requires TLS.
         """
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        tsocket = TSocket(  # type: ignore[no-untyped-call]
-            address.host, address.port, socket_family=family,
-            socket_timeout=_ms(config.socket_timeout), connect_timeout=_ms(config.connect_timeout))
+        tsocket: TSocket
+        if config.ssl_context is not None:
+            tsocket = TLSSocket(address.host, address.port, config.ssl_context,
+                                config.server_hostname, socket_family=family,
+                                socket_timeout=_ms(config.socket_timeout),
+                                connect_timeout=_ms(config.connect_timeout))
+        elif tls_required:
+            raise TTransportException(
+                type=TTransportException.NOT_OPEN,
+                message=f"instance {address} requires TLS and the pool has no ssl_context: "
+                        "refusing to send plaintext")
+        else:
+            tsocket = TSocket(  # type: ignore[no-untyped-call]
+                address.host, address.port, socket_family=family,
+                socket_timeout=_ms(config.socket_timeout),
+                connect_timeout=_ms(config.connect_timeout))
         if config.socket_timeout is None:
             tsocket.socket_timeout = None
         transport = config.transport_factory.get_transport(tsocket)
@@ -216,14 +276,40 @@ class Connection:
         poller = self._poller
         if poller is not None:
             try:
-                return bool(poller.poll(0))
+                readable = bool(poller.poll(0))
             except (OSError, ValueError):
                 return True
+        else:
+            try:
+                readable = bool(select.select([self._fd], [], [], 0)[0])
+            except (OSError, ValueError):
+                return True
+        if readable and self._tls:
+            return self._tls_peer_closed()
+        return readable
+
+    def _tls_peer_closed(self) -> bool:
+        """A readable TLS socket may only hold protocol records (TLS 1.3 session tickets
+        arrive after the handshake): read without blocking to tell them from EOF or data."""
+        sock = self.socket.sock
+        if sock is None:
+            return True
+        if sock.pending():
+            return True  # decrypted application data that nobody asked for
+        timeout = sock.gettimeout()
         try:
-            readable, _, _ = select.select([self._fd], [], [], 0)
+            sock.settimeout(0.0)
+            sock.recv(1)
+        except ssl.SSLWantReadError:
+            return False  # only records for the TLS layer: the connection is fine
         except (OSError, ValueError):
             return True
-        return bool(readable)
+        finally:
+            try:
+                sock.settimeout(timeout)
+            except OSError:
+                pass
+        return True  # EOF, or an unexpected byte
 
     def is_expired(self, now: float) -> bool:
         """The connection outlived ``max_lifetime`` (jittered)."""

@@ -84,6 +84,7 @@ class InstancePool:
         self.address: Address = endpoint.address
         self.key = str(endpoint.address)
         self.weight = endpoint.weight
+        self.tls = endpoint.tls
         self._config = config
         self._pool_name = pool_name
         self._lock = _compat.Lock()
@@ -260,7 +261,7 @@ class InstancePool:
     def _open_for_checkout(self, probe: bool = False) -> Connection:
         """Open a connection for a checkout; the caller already counted it in ``_opening``."""
         try:
-            conn = Connection.open(self.address, self._config)
+            conn = Connection.open(self.address, self._config, self.tls)
         except BaseException as exc:
             self._open_failed(exc, probe)
             raise
@@ -467,7 +468,7 @@ class InstancePool:
     def _open_idle(self, probe: bool) -> bool:
         """Open one connection in the background and hand it to a waiter or the idle stack."""
         try:
-            conn = Connection.open(self.address, self._config)
+            conn = Connection.open(self.address, self._config, self.tls)
         except Exception as exc:
             self._open_failed(exc, probe)
             return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import weakref
 from types import ModuleType, TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Type, Union
@@ -99,6 +100,12 @@ class ThriftPool:
         after a transport error or timeout, not only when the request was not sent.
     :param retry_budget: retries allowed as a fraction of recent calls (plus 10 a second).
     :param listeners: :class:`PoolListener` objects told of connection and instance events.
+    :param ssl_context: an ``ssl.SSLContext``: connect over TLS, verifying as the context
+        says (``ssl.create_default_context(cafile=...)`` verifies; load a client certificate
+        into it for mutual TLS).  Building the pool never raises for a bad server
+        certificate; the checkout does, and the instance is ejected.
+    :param server_hostname: the name to verify the servers' certificates against
+        (default: each instance's host).
     :raises ValueError: naming the option, when an option or an address is invalid.
     """
 
@@ -133,6 +140,8 @@ class ThriftPool:
         idempotent: Union[Iterable[str], bool] = (),
         retry_budget: float = 0.2,
         listeners: Iterable[PoolListener] = (),
+        ssl_context: Optional[ssl.SSLContext] = None,
+        server_hostname: Optional[str] = None,
     ) -> None:
         self._closed = True  # until fully built, so __del__ and close() are safe
         if not isinstance(service, type) and not isinstance(service, ModuleType) \
@@ -151,7 +160,8 @@ class ThriftPool:
             backoff_multiplier=backoff_multiplier, backoff_max=backoff_max,
             backoff_jitter=backoff_jitter, failure_threshold=failure_threshold,
             heartbeat=heartbeat, heartbeat_interval=heartbeat_interval, retries=retries,
-            idempotent=idempotent, retry_budget=retry_budget)
+            idempotent=idempotent, retry_budget=retry_budget, ssl_context=ssl_context,
+            server_hostname=server_hostname)
         if discovery is None:
             raise ValueError("discovery must be a Discovery or a list of addresses")
         if not isinstance(discovery, Discovery):
@@ -224,6 +234,7 @@ class ThriftPool:
                     added.append(str(address))
                 else:
                     inst.weight = endpoint.weight
+                    inst.tls = endpoint.tls
             self._instances = instances
             self._ring = tuple(instances[a] for a in wanted)
         closing = []

@@ -15,7 +15,7 @@ from __future__ import annotations
 from .address import Address, Endpoint, parse_address
 from .balancer import Balancer, LeastLoaded, RandomBalancer, RoundRobin
 from .config import PoolConfig
-from .discovery import Discovery, DiscoveryListener, StaticDiscovery
+from .discovery import Discovery, DiscoveryListener, StaticDiscovery, ZooKeeperDiscovery
 from .errors import (
     ClientReleased,
     NoAvailableInstance,
@@ -24,9 +24,10 @@ from .errors import (
     ReplyMismatch,
     ThriftPoolError,
 )
-from .events import ExhaustedCallback, ExhaustedEvent
+from .events import ExhaustedCallback, ExhaustedEvent, PoolListener
 from .pool import Checkout, ThriftPool
 from .proxy import ClientProxy
+from .registration import RegisteredServer, RegistrationConflict, ServiceRegistration, serve
 
 __version__ = "0.1.0"
 
@@ -46,11 +47,17 @@ __all__ = [
     "PoolClosed",
     "PoolConfig",
     "PoolExhausted",
+    "PoolListener",
     "RandomBalancer",
+    "RegisteredServer",
+    "RegistrationConflict",
     "ReplyMismatch",
     "RoundRobin",
+    "ServiceRegistration",
     "StaticDiscovery",
     "ThriftPool",
     "ThriftPoolError",
+    "ZooKeeperDiscovery",
     "parse_address",
+    "serve",
 ]

@@ -52,6 +52,10 @@ class PoolListener:
     ``"pool_closed"``.
     """
 
+    def attach_pool(self, pool: Any) -> None:
+        """Called once by each :class:`~thriftpool.ThriftPool` the listener is given to,
+        with the pool object itself (e.g. to read ``pool.stats()`` later)."""
+
     def connection_opened(self, pool: str, address: str) -> None:
         """A new connection to ``address`` is open."""
 

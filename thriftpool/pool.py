@@ -178,6 +178,10 @@ class ThriftPool:
             if not any(callable(getattr(listener, m, None)) for m in _LISTENER_METHODS):
                 raise ValueError(f"listeners: {listener!r} has no PoolListener method")
         self._events = Emitter(name, listeners)
+        for listener in listeners:
+            attach = getattr(listener, "attach_pool", None)
+            if callable(attach):
+                attach(self)
         self._discovery = discovery
         # The pool lock guards only the instance map, the ring and the close list; each
         # instance guards its own connections.  Built here, while single-threaded.

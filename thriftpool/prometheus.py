@@ -1,0 +1,125 @@
+"""Prometheus metrics for thriftpool pools (``pip install thriftpool[prometheus]``).
+
+::
+
+    from thriftpool.prometheus import PrometheusExporter
+    exporter = PrometheusExporter()                 # registers on prometheus_client's REGISTRY
+    pool = ThriftPool(service, addresses, listeners=[exporter])
+
+Gauges (read from ``pool.stats()`` at scrape time, so they cost nothing per call):
+``thriftpool_connections{pool,instance,state="idle|in_use|opening"}``,
+``thriftpool_waiting{pool,instance}``, ``thriftpool_instance_healthy{pool,instance}``.
+Counters: ``thriftpool_connections_opened_total{pool,instance}``,
+``thriftpool_connections_closed_total{pool,instance,reason}``,
+``thriftpool_checkouts_exhausted_total{pool,instance}``,
+``thriftpool_instance_ejections_total{pool,instance}``.
+Histogram: ``thriftpool_checkout_wait_seconds{pool}``.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from .events import ExhaustedEvent, PoolListener
+
+if TYPE_CHECKING:
+    from .pool import ThriftPool
+
+__all__ = ["PrometheusExporter"]
+
+_WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class _PoolCollector:
+    """Reads live counts from every attached pool when Prometheus scrapes."""
+
+    def __init__(self, namespace: str) -> None:
+        self._namespace = namespace
+        self._pools: "weakref.WeakSet[ThriftPool]" = weakref.WeakSet()
+
+    def add(self, pool: "ThriftPool") -> None:
+        self._pools.add(pool)
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())  # unchecked collector: metrics appear with the first pool
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ns = self._namespace
+        conns = GaugeMetricFamily(f"{ns}_connections", "Pooled connections by state.",
+                                  labels=["pool", "instance", "state"])
+        waiting = GaugeMetricFamily(f"{ns}_waiting", "Checkouts waiting for a connection.",
+                                    labels=["pool", "instance"])
+        healthy = GaugeMetricFamily(f"{ns}_instance_healthy",
+                                    "1 if the instance takes traffic, 0 if ejected.",
+                                    labels=["pool", "instance"])
+        for pool in list(self._pools):
+            if pool.closed:
+                continue
+            stats = pool.stats()
+            for key, inst in stats["instances"].items():
+                for state in ("idle", "in_use", "opening"):
+                    conns.add_metric([pool.name, key, state], inst[state])
+                waiting.add_metric([pool.name, key], inst["waiting"])
+                healthy.add_metric([pool.name, key], 1 if inst["healthy"] else 0)
+        yield conns
+        yield waiting
+        yield healthy
+
+
+class PrometheusExporter(PoolListener):
+    """A :class:`PoolListener` that keeps Prometheus metrics for every pool it is given to.
+
+    :param registry: where to register the metrics (default: prometheus_client's global
+        ``REGISTRY``); use a fresh ``CollectorRegistry`` per exporter in tests.
+    :param namespace: prefix of every metric name.
+    """
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None,
+                 namespace: str = "thriftpool") -> None:
+        registry = REGISTRY if registry is None else registry
+        self._opened = Counter(f"{namespace}_connections_opened",
+                               "Connections opened.", ["pool", "instance"], registry=registry)
+        self._closed = Counter(f"{namespace}_connections_closed",
+                               "Connections closed, by reason.", ["pool", "instance", "reason"],
+                               registry=registry)
+        self._exhausted = Counter(f"{namespace}_checkouts_exhausted",
+                                  "Checkouts that timed out waiting.", ["pool", "instance"],
+                                  registry=registry)
+        self._ejected = Counter(f"{namespace}_instance_ejections",
+                                "Times an instance was ejected.", ["pool", "instance"],
+                                registry=registry)
+        self._wait = Histogram(f"{namespace}_checkout_wait_seconds",
+                               "Time a checkout waited for a connection.", ["pool"],
+                               buckets=_WAIT_BUCKETS, registry=registry)
+        self._wait_children: Dict[str, Any] = {}
+        self._opened_children: Dict[Tuple[str, str], Any] = {}
+        self._collector = _PoolCollector(namespace)
+        registry.register(self._collector)  # type: ignore[arg-type]
+
+    def attach_pool(self, pool: "ThriftPool") -> None:
+        self._collector.add(pool)
+
+    def connection_opened(self, pool: str, address: str) -> None:
+        child = self._opened_children.get((pool, address))
+        if child is None:
+            child = self._opened_children[(pool, address)] = self._opened.labels(pool, address)
+        child.inc()
+
+    def connection_closed(self, pool: str, address: str, reason: str) -> None:
+        self._closed.labels(pool, address, reason).inc()
+
+    def checkout(self, pool: str, address: str, waited: float) -> None:
+        child = self._wait_children.get(pool)
+        if child is None:
+            child = self._wait_children[pool] = self._wait.labels(pool)
+        child.observe(waited)
+
+    def exhausted(self, pool: str, event: ExhaustedEvent) -> None:
+        self._exhausted.labels(pool, event.address).inc()
+
+    def instance_ejected(self, pool: str, address: str, reason: str, retry_in: float) -> None:
+        self._ejected.labels(pool, address).inc()

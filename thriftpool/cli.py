@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from types import ModuleType
 from typing import Any, Dict, List, Optional, Sequence, TextIO, Tuple
 
 __all__ = ["main"]
@@ -32,7 +31,7 @@ class _Usage(Exception):
     """A bad argument that argparse could not catch by itself."""
 
 
-def _load_service(idl: str, name: Optional[str]) -> ModuleType:
+def _load_service(idl: str, name: Optional[str]) -> Any:
     import thriftpy2
 
     if not os.path.isfile(idl):
@@ -48,14 +47,14 @@ def _load_service(idl: str, name: Optional[str]) -> ModuleType:
         if len(services) != 1:
             raise _Usage(f"--service: {idl} defines {len(services)} services "
                          f"({', '.join(sorted(services)) or 'none'}); name one")
-        return next(iter(services.values()))  # type: ignore[no-any-return]
+        return next(iter(services.values()))
     if name not in services:
         raise _Usage(f"--service: {idl} has no service {name!r} "
                      f"(it has {', '.join(sorted(services)) or 'none'})")
-    return services[name]  # type: ignore[no-any-return]
+    return services[name]
 
 
-def _call_args(service: ModuleType, method: str, args_json: Optional[str]) -> List[Any]:
+def _call_args(service: Any, method: str, args_json: Optional[str]) -> List[Any]:
     if method not in service.thrift_services:
         raise _Usage(f"--method: {service.__name__} has no method {method!r} "
                      f"(it has {', '.join(service.thrift_services)})")

@@ -6,7 +6,8 @@ pool does).  A second loopback port takes one-line control commands, so a test c
 the server side of the pool:
 
 - ``stats``: JSON ``{"open", "accepted", "calls", "peak"}`` (connections open now,
-  accepted in all, calls served, most connections open at once);
+  accepted in all, calls answered (counted before the reply is written), most
+  connections open at once);
 - ``drop``: close every client connection from the server side;
 - ``reset_peak``: set ``peak`` to the current number of open connections.
 
@@ -65,6 +66,27 @@ class Handler:
         raise echo_thrift.EchoError(message=message)
 
 
+class CountingProcessor(TProcessor):
+    """Counts each answered call just before its reply is written: a client that has its
+    reply always finds the call in ``stats`` (counting after the write raced with it)."""
+
+    def __init__(self, service, handler, state):
+        super().__init__(service, handler)
+        self.state = state
+
+    def _count(self):
+        with self.state.lock:
+            self.state.calls += 1
+
+    def send_result(self, oprot, api, result, seqid):
+        self._count()
+        return super().send_result(oprot, api, result, seqid)
+
+    def send_exception(self, oprot, api, exc, seqid):
+        self._count()
+        return super().send_exception(oprot, api, exc, seqid)
+
+
 def serve_connection(sock, state, processor, trans_factory, proto_factory, tls=None):
     raw = sock  # what the state tracks, and what "drop" shuts down
     if tls is not None:
@@ -82,8 +104,6 @@ def serve_connection(sock, state, processor, trans_factory, proto_factory, tls=N
     try:
         while True:
             processor.process(prot, prot)
-            with state.lock:
-                state.calls += 1
     except Exception:
         pass
     finally:
@@ -170,7 +190,8 @@ def main() -> None:
     port = listener.getsockname()[1]
     control = listen(0)
     state = State()
-    processor = TProcessor(echo_thrift.Echo, Handler(args.name or f"127.0.0.1:{port}"))
+    processor = CountingProcessor(echo_thrift.Echo,
+                                  Handler(args.name or f"127.0.0.1:{port}"), state)
     threading.Thread(target=control_loop, args=(control, state), daemon=True).start()
     print(f"READY {port} {control.getsockname()[1]}", flush=True)
     accept_loop(listener, state, processor, trans_factory, proto_factory, tls)

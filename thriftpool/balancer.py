@@ -87,8 +87,11 @@ class RoundRobin(Balancer):
         inst = schedule[start % n]
         if inst.healthy:
             return inst
-        for i in range(1, min(n, 64)):
-            inst = schedule[(start + i) % n]
+        # Skip by drawing fresh positions, not by scanning from ``start``: a scan hands
+        # an unhealthy instance's turns to its successor (A, B, C with C down gave A 2/3
+        # and B 1/3); consuming positions keeps the healthy ones in their proportions.
+        for _ in range(1, min(n, 64)):
+            inst = schedule[next(self._counter) % n]
             if inst.healthy:
                 return inst
         return _healthy_weighted(ring)

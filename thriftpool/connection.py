@@ -257,6 +257,10 @@ class Connection:
         transport = config.transport_factory.get_transport(tsocket)
         protocol = config.protocol_factory.get_protocol(transport)
         transport.open()
+        if config.socket_timeout is None and tsocket.sock is not None:
+            # thriftpy2's TSocket.open() sets no socket timeout when it is None and so
+            # leaves the connect timeout on the socket: every call would time out after it.
+            tsocket.sock.settimeout(None)
         now = _compat.monotonic()
         if config.max_lifetime is None:
             expires = float("inf")

@@ -113,11 +113,14 @@ class InstancePool:
 
     # -- checkout / checkin ------------------------------------------------------------
 
-    def acquire(self, deadline: float, probe: bool = False) -> Connection:
+    def acquire(self, deadline: float, probe: bool = False,
+                wait: Optional[float] = None) -> Connection:
         """Take an idle connection, open one, or wait for one until ``deadline``.
 
         :param probe: the instance is unhealthy and this checkout was picked to probe it
             (panic mode); the caller already reserved the probe with :meth:`try_probe`.
+        :param wait: the caller's whole wait in seconds, reported by :class:`PoolExhausted`
+            (default ``checkout_timeout``).
         :raises PoolExhausted: nothing became free before ``deadline``.
         :raises Reroute: the instance was removed, or failed, while we waited.
         :raises TTransportException: the connect failed (the instance is now unhealthy).
@@ -148,7 +151,7 @@ class InstancePool:
                         waiter = _Waiter()
                         self._waiters.append(waiter)
                     else:
-                        exhausted = self._exhausted_event_locked()
+                        exhausted = self._exhausted_event_locked(wait)
             if conn is not None:
                 if conn.peer_closed():
                     self.release(conn, discard=True, reason="peer_closed")
@@ -162,7 +165,7 @@ class InstancePool:
             if exhausted is not None:
                 raise self._exhausted_error(exhausted)
             assert waiter is not None
-            conn = self._wait(waiter, deadline)
+            conn = self._wait(waiter, deadline, wait)
             if conn is None:
                 if waiter.permit:
                     return self._open_for_checkout()
@@ -172,7 +175,8 @@ class InstancePool:
                 continue
             return conn
 
-    def _wait(self, waiter: _Waiter, deadline: float) -> Optional[Connection]:
+    def _wait(self, waiter: _Waiter, deadline: float,
+              wait: Optional[float] = None) -> Optional[Connection]:
         waiter.wait(max(0.0, deadline - _compat.monotonic()))
         exhausted = None
         with self._lock:
@@ -183,16 +187,17 @@ class InstancePool:
                     self._waiters.remove(waiter)
                 except ValueError:  # pragma: no cover
                     pass
-                exhausted = self._exhausted_event_locked()
+                exhausted = self._exhausted_event_locked(wait)
         if exhausted is not None:
             raise self._exhausted_error(exhausted)
         if waiter.error is not None:
             raise waiter.error
         return waiter.conn
 
-    def _exhausted_event_locked(self) -> ExhaustedEvent:
+    def _exhausted_event_locked(self, wait: Optional[float] = None) -> ExhaustedEvent:
         return ExhaustedEvent(
-            pool=self._pool_name, address=self.key, timeout=self._config.checkout_timeout,
+            pool=self._pool_name, address=self.key,
+            timeout=self._config.checkout_timeout if wait is None else wait,
             max_size=self._config.max_size, in_use=len(self._in_use), idle=len(self._idle),
             opening=self._opening, waiting=len(self._waiters))
 
@@ -222,7 +227,8 @@ class InstancePool:
         to_close: Optional[Connection] = None
         if failed:
             self._call_failed(now)
-        elif self._errors or self._backoff.failures:
+        elif not discard and (self._errors or self._backoff.failures):
+            # (A discard is no success: an interrupted call, a dead idle socket.)
             self._call_succeeded()
         with self._lock:
             if conn not in self._in_use:
@@ -275,6 +281,7 @@ class InstancePool:
                 closed = True
             else:
                 self._in_use.add(conn)
+                self._admit_waiters_locked()
                 closed = False
         if self._events:
             self._events.emit("connection_opened", self.key)
@@ -284,11 +291,30 @@ class InstancePool:
         self._record_success()
         return conn
 
+    def _admit_waiters_locked(self) -> None:
+        """Give waiters permits to open their own connections while there is room.
+
+        Checkouts queue while the first connect is in flight (no connect storm at a server
+        that may be down); once it is done, nothing else would wake them while the
+        connection they queued behind stays checked out.
+        """
+        max_size = self._config.max_size
+        while (self._waiters and not self._idle
+               and len(self._in_use) + self._opening < max_size
+               and not (self._opening and not self._in_use)):
+            if self._waiters.popleft().give_permit():
+                self._opening += 1
+
     def _open_failed(self, exc: BaseException, probe: bool) -> None:
         with self._lock:
             self._opening -= 1
             if probe:
                 self._probing = False
+            # A failed connect is an attempt: without this, the checkout whose connect just
+            # failed would panic-probe the same dead instance again at once.
+            self.last_attempt_at = _compat.monotonic()
+            if not isinstance(exc, Exception):
+                self._admit_waiters_locked()  # interrupted: nobody else will wake them
         if isinstance(exc, Exception):  # not KeyboardInterrupt, gevent.Timeout: not the server
             self.eject(exc, "connect failed")
 
@@ -363,8 +389,11 @@ class InstancePool:
         so a full outage ends about as soon as a server is back, without a connect storm.
         """
         with self._lock:
+            # Idle connections count too: an ejected instance may keep some (the call that
+            # ejected it may not even have returned its own socket yet).
             if (self._closed or self._probing
-                    or len(self._in_use) + self._opening >= self._config.max_size):
+                    or len(self._idle) + len(self._in_use) + self._opening
+                    >= self._config.max_size):
                 return False
             if now < self.next_attempt_at and not (
                     panic and now - self.last_attempt_at >= self._config.backoff_initial):
@@ -380,13 +409,15 @@ class InstancePool:
         """One watchdog pass over this instance (called from the watchdog thread only).
 
         Closes idle connections above ``min_size`` idle for longer than ``idle_timeout``
-        and idle ones past ``max_lifetime``; then opens connections up to the fill target
-        (``initial_size`` the first time, ``min_size`` after), or, while the instance is
-        unhealthy, one probe once its backoff has passed and something needs it.
+        and idle ones past ``max_lifetime`` or closed by the server; then opens connections
+        up to the fill target (``initial_size`` the first time, ``min_size`` after), or,
+        while the instance is unhealthy, one probe once its backoff has passed and
+        something needs it.
         """
         config = self._config
         to_close: List[Connection] = []
         expired: List[Connection] = []
+        dead: List[Connection] = []
         to_open = 0
         probe = False
         with self._lock:
@@ -398,7 +429,14 @@ class InstancePool:
                 idle_timeout = config.idle_timeout
                 # The stack's bottom holds the connections idle the longest.
                 for conn in self._idle:
-                    if now >= conn.expires_at:
+                    if conn.peer_closed():
+                        # The server hung up on an idle socket (a restart, its own idle
+                        # timeout): replace it now, so min_size counts live connections.
+                        # A zero-timeout poll never blocks, and nobody else can poll a
+                        # socket while it sits in the idle stack.
+                        dead.append(conn)
+                        total -= 1
+                    elif now >= conn.expires_at:
                         expired.append(conn)
                         total -= 1
                     elif (idle_timeout is not None and total > config.min_size
@@ -407,9 +445,9 @@ class InstancePool:
                         total -= 1
                     else:
                         keep.append(conn)
-                if to_close or expired:
+                if to_close or expired or dead:
                     self._idle[:] = keep
-                    self.closed_total += len(to_close) + len(expired)
+                    self.closed_total += len(to_close) + len(expired) + len(dead)
             target = min(max(self._fill_target, config.min_size), config.max_size)
             if self.healthy:
                 to_open = max(0, target - total)
@@ -433,7 +471,8 @@ class InstancePool:
                     else:
                         keep.append(conn)
                 self._idle[:] = keep
-        if to_close or expired:
+        if to_close or expired or dead:
+            self._close_all(dead, "peer_closed")
             self._close_all(to_close, "idle")
             self._close_all(expired, "expired")
             logger.debug("pool %r: closed %d idle and %d expired connections to %s",
@@ -489,6 +528,7 @@ class InstancePool:
                         break
                 if not for_waiter:
                     self._idle.append(conn)
+                self._admit_waiters_locked()
         if self._events:
             self._events.emit("connection_opened", self.key)
         if closed:

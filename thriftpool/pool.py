@@ -9,6 +9,8 @@ import weakref
 from types import ModuleType, TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Type, Union
 
+from thriftpy2.thrift import TApplicationException
+
 from . import _compat
 from .address import Address, AddressLike, Endpoint
 from .balancer import Balancer, make_balancer
@@ -290,7 +292,8 @@ class ThriftPool:
             self._restart_after_fork()
         now = _compat.monotonic()
         self._last_checkout = now
-        deadline = now + (self.config.checkout_timeout if timeout is None else timeout)
+        wait = self.config.checkout_timeout if timeout is None else timeout
+        deadline = now + wait
         last_error: Optional[BaseException] = None
         for _ in range(2 * len(self._ring) + 4):
             ring = self._ring
@@ -308,7 +311,7 @@ class ThriftPool:
                 # Prefer another healthy instance that can serve now over waiting.
                 inst = next((i for i in ring if i.healthy and i.has_capacity()), inst)
             try:
-                conn = inst.acquire(deadline, probe)
+                conn = inst.acquire(deadline, probe, wait)
                 if self._events:
                     self._events.emit("checkout", inst.key, _compat.monotonic() - now)
                 return inst, conn
@@ -520,8 +523,13 @@ class Checkout:
         self._client._conn = None
         self.sent = conn.sent
         # in_call: an exception (any, even KeyboardInterrupt) cut a call short, so the
-        # stream holds half a request or an unread reply.
-        failed = exc is not None and should_discard(exc)
-        discard = failed or conn.in_call
+        # stream holds half a request or an unread reply.  With no call in flight the
+        # stream is intact: an error from the caller's own code (or from another pool's
+        # client used inside this block) says nothing about this connection or instance;
+        # only a server's complete TApplicationException answer may still condemn it.
+        in_call = conn.in_call
+        failed = exc is not None and should_discard(exc) and (
+            in_call or isinstance(exc, TApplicationException))
+        discard = failed or in_call
         assert self._inst is not None
         self._inst.release(conn, discard, failed and isinstance(exc, Exception))

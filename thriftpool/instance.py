@@ -554,7 +554,8 @@ class InstancePool:
             waiters = list(self._waiters)
             self._waiters.clear()
             for w in waiters:
-                w.fail(error)
+                # One exception object per waiter: each is raised in its own thread.
+                w.fail(type(error)(*error.args))
         return idle
 
     def retire(self) -> None:

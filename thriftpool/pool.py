@@ -14,7 +14,7 @@ from thriftpy2.thrift import TApplicationException
 from . import _compat
 from .address import Address, AddressLike, Endpoint
 from .balancer import Balancer, make_balancer
-from .config import UNSET, PoolConfig
+from .config import UNSET, PoolConfig, _check_seconds
 from .connection import Connection, PooledClient, is_connect_error, should_discard
 from .discovery.base import Discovery
 from .discovery.static import StaticDiscovery
@@ -292,7 +292,12 @@ class ThriftPool:
             self._restart_after_fork()
         now = _compat.monotonic()
         self._last_checkout = now
-        wait = self.config.checkout_timeout if timeout is None else timeout
+        if timeout is None:
+            wait = self.config.checkout_timeout
+        else:
+            checked = _check_seconds("timeout", timeout, allow_none=False, allow_zero=True)
+            assert checked is not None
+            wait = checked
         deadline = now + wait
         last_error: Optional[BaseException] = None
         for _ in range(2 * len(self._ring) + 4):

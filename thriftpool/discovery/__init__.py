@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from .base import Discovery, DiscoveryListener
 from .static import StaticDiscovery
+from .zookeeper import ZooKeeperDiscovery
 
-__all__ = ["Discovery", "DiscoveryListener", "StaticDiscovery"]
+__all__ = ["Discovery", "DiscoveryListener", "StaticDiscovery", "ZooKeeperDiscovery"]

@@ -1,0 +1,339 @@
+"""ZooKeeper plumbing shared by discovery and registration.
+
+Option checks (each raises ``ValueError`` naming the option), the kazoo client factory
+(gevent handler when gevent patched this process, reconnects that never give up), and
+the instance record format: what a registration writes and what discovery reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import (
+    ConnectionClosedError,
+    ConnectionLoss,
+    OperationTimeoutError,
+    SessionExpiredError,
+)
+from kazoo.handlers.threading import KazooTimeoutError, SequentialThreadingHandler
+from kazoo.protocol.states import KeeperState
+from kazoo.retry import KazooRetry
+from kazoo.security import ACL
+
+from . import _compat
+from .address import Address, Endpoint, parse_address
+
+__all__ = [
+    "AuthData",
+    "HostsLike",
+    "check_acl",
+    "check_auth_data",
+    "check_hosts",
+    "check_kazoo_options",
+    "check_node_name",
+    "check_path",
+    "check_seconds",
+    "client_gave_up",
+    "close_client",
+    "encode_record",
+    "is_transient",
+    "make_client",
+    "parse_record",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``hosts`` accepts ``"h1:2181,h2:2181/chroot"`` or a list of ``"host:port"`` strings.
+HostsLike = Union[str, Sequence[str]]
+#: ``[("digest", "user:password"), ...]``, as kazoo's ``auth_data``.
+AuthData = Sequence[Tuple[str, str]]
+
+DEFAULT_PORT = 2181
+
+# Options that thriftpool itself passes to KazooClient.
+_MANAGED_KAZOO_OPTIONS = frozenset({"hosts", "timeout", "handler", "auth_data"})
+
+
+# -- option checks -------------------------------------------------------------------
+
+def check_seconds(name: str, value: Any) -> float:
+    """A positive, finite number of seconds (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or math.isnan(value) or math.isinf(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def check_path(value: Any, option: str = "path") -> str:
+    """An absolute ZooKeeper path such as ``"/services/echo"``."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"{option} must be an absolute ZooKeeper path such as "
+                         f"'/services/echo', got {value!r}")
+    if value == "/":
+        return value
+    if value.endswith("/") or "\x00" in value:
+        raise ValueError(f"{option}: invalid ZooKeeper path {value!r}")
+    for segment in value[1:].split("/"):
+        if segment in ("", ".", ".."):
+            raise ValueError(f"{option}: invalid ZooKeeper path {value!r}")
+    return value
+
+
+def check_node_name(value: Any, option: str = "node_name") -> str:
+    """One path segment: no ``/``, not ``.`` or ``..``."""
+    if not isinstance(value, str) or not value or "/" in value or "\x00" in value \
+            or value in (".", ".."):
+        raise ValueError(f"{option} must be a ZooKeeper node name without '/', got {value!r}")
+    return value
+
+
+def check_hosts(value: Any, option: str = "hosts") -> str:
+    """Normalize ``hosts`` to kazoo's connection string ``"h1:p1,h2:p2[/chroot]"``.
+
+    A server without a port gets ZooKeeper's default, 2181.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+    elif isinstance(value, (list, tuple)) and value \
+            and all(isinstance(h, str) for h in value):
+        text = ",".join(h.strip() for h in value)
+    else:
+        raise ValueError(f"{option} must be a connection string such as "
+                         f"'127.0.0.1:2181' or a list of 'host:port', got {value!r}")
+    servers, slash, chroot = text.partition("/")
+    if not servers.strip():
+        raise ValueError(f"{option}: no ZooKeeper server in {value!r}")
+    normalized: List[str] = []
+    for item in servers.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"{option}: empty server in {value!r}")
+        if item.endswith("]") or ":" not in item:
+            item = f"{item}:{DEFAULT_PORT}"
+        try:
+            normalized.append(str(parse_address(item, option)))
+        except ValueError:
+            raise ValueError(f"{option}: cannot parse server {item!r} in {value!r}") from None
+    result = ",".join(normalized)
+    if slash and chroot:
+        result += check_path("/" + chroot, f"{option} (chroot)")
+    return result
+
+
+def check_auth_data(value: Any) -> Optional[List[Tuple[str, str]]]:
+    """``None`` or a list of ``(scheme, credential)`` string pairs."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError("auth_data must be a list of (scheme, credential) pairs such as "
+                         f"[('digest', 'user:password')], got {value!r}")
+    pairs: List[Tuple[str, str]] = []
+    for item in value:
+        if not isinstance(item, (list, tuple)) or len(item) != 2 \
+                or not all(isinstance(x, str) for x in item) or not item[0]:
+            raise ValueError(f"auth_data: {item!r} is not a (scheme, credential) pair of "
+                             "strings")
+        pairs.append((item[0], item[1]))
+    return pairs
+
+
+def check_acl(value: Any) -> Optional[List[ACL]]:
+    """``None`` or a non-empty list of kazoo ``ACL`` objects."""
+    if value is None:
+        return None
+    if isinstance(value, ACL):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value \
+            or not all(isinstance(a, ACL) for a in value):
+        raise ValueError("acl must be a non-empty list of kazoo.security.ACL objects "
+                         f"(e.g. make_digest_acl(...)), got {value!r}")
+    return list(value)
+
+
+def check_kazoo_options(value: Any) -> Dict[str, Any]:
+    """Extra ``KazooClient`` keyword arguments (TLS, ``read_only``, retries, ...)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"kazoo_options must be a dict of KazooClient arguments, got "
+                         f"{value!r}")
+    managed = sorted(_MANAGED_KAZOO_OPTIONS.intersection(value))
+    if managed:
+        raise ValueError(f"kazoo_options: {', '.join(managed)} cannot be set here; use the "
+                         "hosts/session_timeout/auth_data options")
+    return dict(value)
+
+
+# -- the kazoo client ----------------------------------------------------------------
+
+def make_client(hosts: str, session_timeout: float, auth_data: Optional[AuthData],
+                reconnect_max_delay: float, kazoo_options: Mapping[str, Any]) -> KazooClient:
+    """A new, unstarted ``KazooClient`` that reconnects forever.
+
+    Uses kazoo's gevent handler when gevent patched ``socket`` in this process (kazoo's
+    threading handler would block the hub), its threading handler otherwise.  Between
+    connection attempts it waits at most ``reconnect_max_delay`` seconds (kazoo's own
+    default grows to an hour, which would leave a pool on a stale list long after
+    ZooKeeper came back).
+    """
+    handler: Any
+    if _compat.gevent_patched():
+        from kazoo.handlers.gevent import SequentialGeventHandler
+
+        handler = SequentialGeventHandler()
+    else:
+        handler = SequentialThreadingHandler()
+    options = dict(kazoo_options)
+    for key in ("connection_retry", "command_retry"):
+        retry = options.get(key)
+        if isinstance(retry, dict):
+            # kazoo refuses a retry whose sleep differs from the handler's.
+            options[key] = KazooRetry(**{"sleep_func": handler.sleep_func, **retry})
+    options.setdefault("connection_retry", KazooRetry(
+        max_tries=-1, delay=0.05, backoff=2, max_jitter=0.3,
+        max_delay=reconnect_max_delay, sleep_func=handler.sleep_func))
+    options.setdefault("command_retry", KazooRetry(
+        max_tries=3, delay=0.05, max_delay=reconnect_max_delay,
+        sleep_func=handler.sleep_func))
+    return KazooClient(hosts=hosts, timeout=session_timeout, handler=handler,
+                       auth_data=list(auth_data) if auth_data else None, **options)
+
+
+def close_client(client: KazooClient, thread_name: str, timeout: float) -> bool:
+    """Stop and close ``client``, waiting at most ``timeout`` seconds.
+
+    Kazoo's ``stop()`` waits for a connection attempt in progress, up to its connect
+    timeout (``session_timeout / len(hosts)``) when a server does not answer; a pool's
+    ``close()`` must not hang on that, so the close runs on a daemon thread that is
+    left to finish in the background after ``timeout``.
+
+    :returns: whether the client was closed in time.
+    """
+    def run() -> None:
+        try:
+            client.stop()
+            client.close()
+        except Exception as exc:  # e.g. kazoo's WriterNotClosedException
+            logger.warning("%s: closing the ZooKeeper client failed: %s", thread_name, exc)
+
+    thread = _compat.spawn(run, thread_name)
+    thread.join(timeout)
+    if thread.is_alive():
+        logger.warning("%s: the ZooKeeper client is still closing after %.1fs (a connection "
+                       "attempt is in progress); it finishes in the background",
+                       thread_name, timeout)
+        return False
+    return True
+
+
+def client_gave_up(client: Optional[KazooClient]) -> bool:
+    """Kazoo stopped connecting for good (authentication failed, or a custom
+    ``connection_retry`` ran out), though nobody called ``stop()``."""
+    return client is not None and client.client_state in (KeeperState.CLOSED,
+                                                          KeeperState.AUTH_FAILED)
+
+
+_TRANSIENT = (ConnectionLoss, ConnectionClosedError, SessionExpiredError,
+              OperationTimeoutError, KazooTimeoutError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The error says the connection or session went away, not that the request is wrong."""
+    if isinstance(exc, _TRANSIENT):
+        return True
+    # The gevent handler raises gevent.Timeout subclasses from AsyncResult.get(timeout).
+    return type(exc).__name__ in ("KazooTimeoutError", "Timeout")
+
+
+# -- instance records ----------------------------------------------------------------
+
+def encode_record(host: str, port: int, weight: int,
+                  metadata: Optional[Mapping[str, Any]] = None) -> bytes:
+    """The JSON a registration stores: ``{"host", "port", "weight", **metadata}``."""
+    record: Dict[str, Any] = dict(metadata or {})
+    record.update(host=host, port=port, weight=weight)
+    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _port(value: Any) -> Optional[int]:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, int) and 0 < value < 65536:
+        return value
+    return None
+
+
+def _host(value: Any) -> Optional[str]:
+    if isinstance(value, str) and value.strip() and not any(c.isspace() for c in value):
+        return value
+    return None
+
+
+def _endpoint_from(doc: Mapping[str, Any], what: str) -> Tuple[Optional[Endpoint], str]:
+    host = _host(doc.get("host"))
+    port = _port(doc.get("port"))
+    if host is None:
+        return None, f"{what} has no valid 'host' ({doc.get('host')!r})"
+    if port is None:
+        return None, f"{what} has no valid 'port' ({doc.get('port')!r})"
+    return Endpoint(Address(host, port)), ""
+
+
+def parse_record(name: str, data: Optional[bytes]) -> Tuple[Optional[Endpoint], Optional[str]]:
+    """Read one child of a service path.
+
+    Accepted: thriftpool's JSON ``{"host": str, "port": int, "weight": int}`` (weight
+    optional, >= 1); the Finagle/Aurora ServerSet member JSON (``serviceEndpoint`` with
+    ``host`` and ``port``, and ``status``: only ``ALIVE`` members serve); and, when the
+    data is empty or unusable, a node *name* of the form ``host:port``.
+
+    :returns: ``(endpoint, None)`` for a usable child, ``(None, None)`` for a ServerSet
+        member that is not ``ALIVE`` (not an error), and ``(endpoint or None, problem)``
+        when the data is unusable: an endpoint taken from the name, or ``None`` when the
+        child must be skipped.
+    """
+    problem: str
+    if not data:
+        problem = "the node has no data"
+    else:
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            problem = "its data is not JSON"
+        else:
+            if not isinstance(doc, dict):
+                problem = "its data is not a JSON object"
+            elif "serviceEndpoint" in doc:
+                service = doc.get("serviceEndpoint")
+                status = doc.get("status")
+                if not isinstance(service, dict):
+                    problem = "its ServerSet 'serviceEndpoint' is not an object"
+                elif not isinstance(status, str):
+                    problem = "its ServerSet member has no 'status'"
+                else:
+                    endpoint, problem = _endpoint_from(service, "its 'serviceEndpoint'")
+                    if endpoint is not None:
+                        # A member that is STARTING, STOPPING, DEAD... is known, not broken.
+                        return (endpoint, None) if status == "ALIVE" else (None, None)
+            else:
+                endpoint, problem = _endpoint_from(doc, "its data")
+                if endpoint is not None:
+                    weight = doc.get("weight", 1)
+                    if weight is None:
+                        weight = 1
+                    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+                        problem = f"its 'weight' is not an integer >= 1 ({weight!r})"
+                    else:
+                        return Endpoint(endpoint.address, weight), None
+    try:
+        address = parse_address(name, "node name")
+    except ValueError:
+        return None, f"{problem}, and its name is not 'host:port'; skipped"
+    # A bare "host:port" name with no data is a format of its own: nothing to report.
+    return Endpoint(address), (f"{problem}; using its name" if data else None)

@@ -772,10 +772,21 @@ while not pool.stats()["instances"] and time.monotonic() < deadline:
     gevent.sleep(0.01)
 with pool.checkout() as client:
     answer = client.whoami()
+reg.stop()  # the node is deleted: the pool must follow
+deadline = time.monotonic() + 10
+while pool.stats()["instances"] and time.monotonic() < deadline:
+    gevent.sleep(0.01)
+followed = not pool.stats()["instances"]
+try:
+    with pool.checkout():
+        pass
+    after = "served"
+except thriftpool.NoAvailableInstance:
+    after = "NoAvailableInstance"
 pool.close()
-reg.stop()
 gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-print(json.dumps({"handlers": handlers, "answer": answer, "max_gap": max(gaps)}))
+print(json.dumps({"handlers": handlers, "answer": answer, "max_gap": max(gaps),
+                  "followed_deletion": followed, "after": after}))
 """
 
 
@@ -790,6 +801,8 @@ def test_gevent_uses_kazoo_gevent_handler(zk, farm):
     assert result["handlers"] == ["SequentialGeventHandler", "SequentialGeventHandler"]
     assert result["answer"] == server.address
     assert result["max_gap"] < 0.5, result  # the hub was never blocked for long
+    assert result["followed_deletion"], result  # the deletion reached the pool under gevent
+    assert result["after"] == "NoAvailableInstance"
 
 
 # -- options ----------------------------------------------------------------------------------

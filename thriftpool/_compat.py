@@ -21,6 +21,7 @@ __all__ = [
     "RLock",
     "gevent_patched",
     "monotonic",
+    "sleep",
     "spawn",
 ]
 
@@ -29,6 +30,11 @@ RLock = threading.RLock
 Condition = threading.Condition
 Event = threading.Event
 monotonic = time.monotonic
+
+
+def sleep(seconds: float) -> None:
+    """``time.sleep``, looked up at call time (gevent patches it)."""
+    time.sleep(seconds)
 
 
 def gevent_patched(module: str = "socket") -> bool:

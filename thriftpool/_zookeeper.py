@@ -327,10 +327,13 @@ def parse_record(name: str, data: Optional[bytes]) -> Tuple[Optional[Endpoint], 
                     weight = doc.get("weight", 1)
                     if weight is None:
                         weight = 1
+                    tls = doc.get("tls", False)
                     if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
                         problem = f"its 'weight' is not an integer >= 1 ({weight!r})"
+                    elif not isinstance(tls, bool):
+                        problem = f"its 'tls' is not true or false ({tls!r})"
                     else:
-                        return Endpoint(endpoint.address, weight), None
+                        return Endpoint(endpoint.address, weight, tls), None
     try:
         address = parse_address(name, "node name")
     except ValueError:

@@ -242,6 +242,11 @@ def cmd_bench(args: argparse.Namespace, out: TextIO, progress: TextIO) -> int:
     pool = ThriftPool(service, discovery, max_size=args.max_size, min_size=0,
                       ssl_context=ctx, checkout_timeout=max(1.0, args.duration),
                       balancer=args.balancer)
+    try:
+        pool.wait(timeout=10.0)
+    except Exception:
+        pool.close()
+        raise RuntimeError("no instances found within 10s") from None
 
     def worker() -> None:
         mine: Dict[str, List[float]] = defaultdict(list)

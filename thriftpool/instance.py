@@ -108,6 +108,7 @@ class InstancePool:
         self._errors = 0  # consecutive calls that failed with a transport error
         # The first fill opens initial_size connections; later fills keep min_size.
         self._fill_target = config.initial_size
+        self.first_fill_done = False  # set by the first watchdog pass (see ThriftPool.wait)
         self.opened_total = 0
         self.closed_total = 0
 
@@ -487,6 +488,7 @@ class InstancePool:
         else:
             if to_open and self._fill_target > config.min_size:
                 self._fill_target = config.min_size
+        self.first_fill_done = True  # the first pass opened what it could, or failed
 
     def _heartbeat(self, conn: Connection) -> None:
         """Call the ``heartbeat`` method on an idle connection; a failure discards it."""

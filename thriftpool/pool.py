@@ -428,6 +428,31 @@ class ThriftPool:
 
     # -- inspection and lifecycle ------------------------------------------------------
 
+    def wait(self, timeout: float = 10.0) -> None:
+        """Block until discovery has reported at least one instance and the watchdog has
+        opened the ``initial_size`` connections of every known instance (or failed to).
+
+        Optional: checkouts work without it (they connect on demand).  Useful at start-up
+        with ZooKeeper discovery, whose first list arrives asynchronously.
+
+        :raises NoAvailableInstance: no instance was reported within ``timeout`` seconds.
+        :raises PoolClosed: the pool is closed.
+        """
+        deadline = _compat.monotonic() + timeout
+        while True:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            ring = self._ring
+            if ring and all(inst.first_fill_done for inst in ring):
+                return
+            if _compat.monotonic() >= deadline:
+                if ring:
+                    return  # instances are known; their connections are still opening
+                raise NoAvailableInstance(
+                    f"pool {self.name!r}: discovery reported no instance within {timeout:g}s")
+            self._watchdog.wake()
+            _compat.sleep(0.01)
+
     def stats(self) -> Dict[str, Any]:
         """A snapshot of the pool's counts::
 

@@ -57,7 +57,7 @@ _RETRY_INITIAL = 0.2
 _RETRY_MAX = 5.0
 #: How often an idle worker checks that kazoo is still trying to connect.
 _SUPERVISE_INTERVAL = 5.0
-_RESERVED_KEYS = frozenset({"host", "port", "weight"})
+_RESERVED_KEYS = frozenset({"host", "port", "weight", "tls"})
 
 
 class _Restarted(Exception):
@@ -120,6 +120,8 @@ class ServiceRegistration:
         ``path`` already exists with another ACL, a warning says so (ZooKeeper checks
         create and delete rights on the parent).
     :param node_name: the node's name (default ``"host:port"``).
+    :param tls: advertise that the endpoint speaks only TLS (``"tls": true`` in its data):
+        pools connect to it only with an ``ssl_context``.
     :param metadata: more JSON fields for the node's data (``host``, ``port`` and
         ``weight`` are reserved).
     :param session_timeout: the ZooKeeper session timeout, in seconds: after a crash the
@@ -145,8 +147,12 @@ class ServiceRegistration:
         session_timeout: float = 10.0,
         reconnect_max_delay: float = 2.0,
         kazoo_options: Optional[Mapping[str, Any]] = None,
+        tls: bool = False,
     ) -> None:
         self.hosts = check_hosts(hosts)
+        if not isinstance(tls, bool):
+            raise ValueError(f"tls must be True or False, got {tls!r}")
+        self.tls = tls
         self.path = check_path(path)
         if not isinstance(host, str) or not host.strip() or any(c.isspace() for c in host):
             raise ValueError(f"host must be a host name or IP address, got {host!r}")
@@ -167,7 +173,10 @@ class ServiceRegistration:
             if reserved:
                 raise ValueError(f"metadata cannot set {', '.join(reserved)}")
         try:
-            self.data: bytes = encode_record(host, port, weight, metadata)
+            extra = dict(metadata or {})
+            if tls:
+                extra["tls"] = True  # pools refuse to send plaintext to this instance
+            self.data: bytes = encode_record(host, port, weight, extra)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"metadata must be JSON-serializable: {exc}") from None
         self.node_path = self.path.rstrip("/") + "/" + self.node_name

@@ -95,7 +95,8 @@ class ThriftPool:
     :param failure_threshold: consecutive calls failing with transport errors that eject
         an instance (a failed connect ejects at once).
     :param heartbeat: name of a no-argument IDL method the watchdog calls on connections
-        idle for ``heartbeat_interval``; a failure discards the connection.
+        idle for ``heartbeat_interval``; a failure, or no answer within
+        ``connect_timeout`` (or ``socket_timeout`` if smaller), discards the connection.
     :param heartbeat_interval: seconds of idleness before a heartbeat.
     :param retries: retries of a ``pool.client()`` call on other instances.
     :param idempotent: method names (or ``True``: all) that ``pool.client()`` may retry

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple, Union
 
 from . import _compat
 from .address import Address, Endpoint
@@ -211,7 +211,8 @@ class InstancePool:
         err.event = event  # type: ignore[attr-defined]
         return err
 
-    def release(self, conn: Connection, discard: bool = False, failed: bool = False,
+    def release(self, conn: Connection, discard: bool = False,
+                failed: Union[bool, BaseException] = False,
                 reason: Optional[str] = None) -> None:
         """Check a connection back in; close it instead when it must not be reused.
 
@@ -219,15 +220,16 @@ class InstancePool:
         outlived ``max_lifetime``, or when the instance was removed or the pool closed.
         Otherwise it goes to the longest waiter, or on top of the idle stack.
 
-        :param failed: the call failed with a transport error: it counts towards ejecting
-            the instance after ``failure_threshold`` in a row; a clean checkin resets that.
+        :param failed: the call failed with a transport error (pass the exception, or
+            True): it counts towards ejecting the instance after ``failure_threshold`` in a
+            row; a clean checkin resets that.
         :param reason: why a discarded connection is closed, for listeners (default
             ``"error"``).
         """
         now = _compat.monotonic()
         to_close: Optional[Connection] = None
-        if failed:
-            self._call_failed(now)
+        if failed is not False:
+            self._call_failed(now, failed if isinstance(failed, BaseException) else None)
         elif not discard and (self._errors or self._backoff.failures):
             # (A discard is no success: an interrupted call, a dead idle socket.)
             self._call_succeeded()
@@ -351,13 +353,13 @@ class InstancePool:
                         "attempt in %.2fs", self._pool_name, self.key, failures, why, exc,
                         delay)
 
-    def _call_failed(self, now: float) -> None:
+    def _call_failed(self, now: float, exc: Optional[BaseException]) -> None:
         with self._lock:
             self._errors += 1
             eject = self.healthy and self._errors >= self._config.failure_threshold
             count = self._errors
         if eject:
-            self.eject(None, f"{count} calls in a row failed with transport errors")
+            self.eject(exc, f"{count} calls in a row failed with transport errors")
 
     def _call_succeeded(self) -> None:
         with self._lock:
@@ -512,7 +514,7 @@ class InstancePool:
         except Exception as exc:
             logger.info("pool %r: heartbeat %s() to %s failed: %s", self._pool_name,
                         self._config.heartbeat, self.key, exc)
-            self.release(conn, discard=True, failed=True, reason="heartbeat")
+            self.release(conn, discard=True, failed=exc, reason="heartbeat")
         else:
             self.release(conn)
         finally:

@@ -563,4 +563,4 @@ class Checkout:
             in_call or isinstance(exc, TApplicationException))
         discard = failed or in_call
         assert self._inst is not None
-        self._inst.release(conn, discard, failed and isinstance(exc, Exception))
+        self._inst.release(conn, discard, exc if failed and isinstance(exc, Exception) else False)

@@ -28,44 +28,19 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-import thriftpy2
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
     import thriftpool
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, ROOT)
     import thriftpool
 
-echo_thrift = thriftpy2.load(os.path.join(ROOT, "idl", "echo.thrift"),
-                             module_name="echo_thrift")
+from echo_server import EchoHandler, echo_thrift  # noqa: E402  (examples/echo_server.py)
 
 ZOOKEEPER_JAR = "/usr/share/java/zookeeper.jar"
 THREADS = 4
 PHASE_SECONDS = 2.0
-
-
-class EchoHandler:
-    """The service implementation each server runs."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def echo(self, message: str) -> str:
-        return message
-
-    def ping(self) -> None:
-        return None
-
-    def sleep(self, ms: int) -> int:
-        time.sleep(ms / 1000.0)
-        return ms
-
-    def whoami(self) -> str:
-        return self.name
-
-    def fail(self, message: str) -> str:
-        raise echo_thrift.EchoError(message=message)
 
 
 class LocalZooKeeper:

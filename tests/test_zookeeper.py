@@ -790,6 +790,7 @@ print(json.dumps({"handlers": handlers, "answer": answer, "max_gap": max(gaps),
 """
 
 
+@pytest.mark.gevent
 @pytest.mark.timeout(60)
 def test_gevent_uses_kazoo_gevent_handler(zk, farm):
     server = farm.one()

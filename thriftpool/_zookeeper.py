@@ -1,8 +1,9 @@
 """ZooKeeper plumbing shared by discovery and registration.
 
 Option checks (each raises ``ValueError`` naming the option), the kazoo client factory
-(gevent handler when gevent patched this process, reconnects that never give up), and
-the instance record format: what a registration writes and what discovery reads.
+(gevent handler when gevent patched this process, reconnects that never give up), the
+worker loop that watches over a kazoo client (:class:`ClientSupervisor`), and the
+instance record format: what a registration writes and what discovery reads.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+import threading
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import (
@@ -28,7 +30,9 @@ from . import _compat
 from .address import Address, Endpoint, parse_address
 
 __all__ = [
+    "RETRY_INITIAL",
     "AuthData",
+    "ClientSupervisor",
     "HostsLike",
     "check_acl",
     "check_auth_data",
@@ -53,6 +57,11 @@ HostsLike = Union[str, Sequence[str]]
 AuthData = Sequence[Tuple[str, str]]
 
 DEFAULT_PORT = 2181
+
+#: First and longest wait before a worker retries a failed pass (it is also woken at
+#: once when kazoo reconnects).
+RETRY_INITIAL = 0.2
+RETRY_MAX = 5.0
 
 # Options that thriftpool itself passes to KazooClient.
 _MANAGED_KAZOO_OPTIONS = frozenset({"hosts", "timeout", "handler", "auth_data"})
@@ -247,6 +256,123 @@ def is_transient(exc: BaseException) -> bool:
         return True
     # The gevent handler raises gevent.Timeout subclasses from AsyncResult.get(timeout).
     return type(exc).__name__ in ("KazooTimeoutError", "Timeout")
+
+
+# -- the worker loop -----------------------------------------------------------------
+
+class _Restarted(Exception):
+    """Internal: the kazoo client was restarted; back off before the next attempt."""
+
+
+class ClientSupervisor:
+    """The loop of the worker thread that owns one kazoo client (discovery's, a
+    registration's).
+
+    The owner's kazoo callbacks only record what changed and set ``wake``; the worker
+    runs :meth:`run`, which waits for ``wake`` (at most ``interval`` seconds while idle),
+    restarts the client when kazoo gave up connecting, and otherwise calls ``work``.  When
+    a pass raises, ``failed`` logs it and the next pass follows after a delay that doubles
+    from :data:`RETRY_INITIAL` up to :data:`RETRY_MAX`; a pass that succeeds resets it.
+    Neither callback is called with a lock held.
+
+    :param logger: the owner's logger, for the restart error.
+    :param wake: the owner's event, set by its callbacks and by its ``stop()``.
+    :param lock: the owner's lock for the flags it shares with kazoo callbacks; it guards
+        :attr:`client_closed` too.
+    :param state_lock: the owner's start/stop lock.  The owner's ``stop()`` must set its
+        stopping flag under it before closing the client: a client is restarted under
+        it too, and only while ``stopping()`` is false, so a closed client stays closed.
+    :param stopping: tells whether the owner's ``stop()`` has begun.
+    :param work: one pass of the owner's work; returns the seconds until the next pass,
+        or ``None`` to wait for ``wake``.
+    :param failed: handles a failed pass (logs it): called with the exception, its
+        one-line description, whether to log it quietly (the connection went away, the
+        same failure again, or a restart) and the seconds until the next attempt.
+    :param back_off_after_restart: wait and retry after restarting the client, as after a
+        failed pass, instead of waiting for ``wake``.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        wake: threading.Event,
+        lock: threading.Lock,
+        state_lock: threading.Lock,
+        stopping: Callable[[], bool],
+        work: Callable[[KazooClient], Optional[float]],
+        failed: Callable[[Exception, str, bool, float], None],
+        *,
+        back_off_after_restart: bool = False,
+    ) -> None:
+        self._logger = logger
+        self._wake = wake
+        self._lock = lock
+        self._state_lock = state_lock
+        self._stopping = stopping
+        self._work = work
+        self._failed = failed
+        self._back_off_after_restart = back_off_after_restart
+        #: Set under ``lock`` by the owner when kazoo reported that it gave up (then it
+        #: sets ``wake``), and when it starts a client; the worker restarts the client.
+        self.client_closed = False
+
+    def run(self, client: KazooClient, label: str, interval: float) -> None:
+        """The worker thread's body; returns once the owner is stopping.
+
+        :param label: names the owner in log lines, e.g. ``"pool 'echo'"``.
+        :param interval: how often an idle worker checks that kazoo is still trying to
+            connect.
+        """
+        delay: Optional[float] = None  # None: wait for a callback
+        retry = RETRY_INITIAL
+        last_problem = ""
+        gave_up_at: Optional[float] = None
+        while True:
+            self._wake.wait(interval if delay is None else delay)
+            # Cleared before the flags are read, so a callback that lands during the
+            # pass wakes the next one instead of being lost.
+            self._wake.clear()
+            if self._stopping():
+                return
+            try:
+                with self._lock:
+                    restart, self.client_closed = self.client_closed, False
+                # A client that never connected says nothing when it gives up: notice
+                # it when it stays stopped for a whole interval (a single look could
+                # fall in the instant between start_async() and its first attempt).
+                now = _compat.monotonic()
+                if not client_gave_up(client):
+                    gave_up_at = None
+                elif gave_up_at is None:
+                    gave_up_at = now
+                elif now - gave_up_at >= interval:
+                    restart = True
+                if restart:
+                    gave_up_at = None
+                    # Only an authentication failure or a custom connection_retry that
+                    # gave up stops kazoo for good; a pool must not go deaf for that,
+                    # nor a registration's node vanish.
+                    self._logger.error("%s: the ZooKeeper client stopped (%s); restarting it",
+                                       label, client.client_state)
+                    with self._state_lock:  # never restart a client stop() closed
+                        if self._stopping():
+                            return
+                        client.start_async()
+                    if self._back_off_after_restart:
+                        raise _Restarted()
+                    delay = None
+                else:
+                    delay = self._work(client)
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+                self._failed(exc, problem, is_transient(exc) or problem == last_problem
+                             or isinstance(exc, _Restarted), retry)
+                last_problem = problem
+                delay = retry
+                retry = min(retry * 2, RETRY_MAX)
+            else:
+                last_problem = ""
+                retry = RETRY_INITIAL
 
 
 # -- instance records ----------------------------------------------------------------

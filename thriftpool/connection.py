@@ -10,7 +10,9 @@ import random
 import select
 import socket
 import ssl
-from typing import TYPE_CHECKING, Any, Optional
+import struct
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Type
 
 from thriftpy2.protocol.exc import TProtocolException
 from thriftpy2.thrift import TApplicationException, TClient, TMessageType, args_to_kwargs
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
     from .config import PoolConfig
 
-__all__ = ["Connection", "PooledClient", "is_connect_error", "should_discard"]
+__all__ = ["Connection", "PooledClient", "client_class", "is_connect_error", "should_discard"]
 
 _MAX_SEQID = 2 ** 31 - 1
 _POLL_READABLE = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2) | \
@@ -35,6 +37,43 @@ _POLL_READABLE = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2) | 
 def _ms(seconds: Optional[float]) -> Optional[float]:
     """thriftpy2's TSocket takes milliseconds; every thriftpool option is in seconds."""
     return None if seconds is None else seconds * 1000.0
+
+
+def _set_call_timeout(sock: socket.socket, seconds: Optional[float]) -> None:
+    """Give an open socket its per-call timeout, in the kernel where possible.
+
+    With a Python-level timeout CPython polls the socket before every send and every
+    recv: two more syscalls, each releasing the GIL, per call, which with several
+    threads costs more than the whole pool (bench/README.md).  A blocking socket with
+    ``SO_RCVTIMEO``/``SO_SNDTIMEO`` times out just the same, with ``EAGAIN``, which
+    :class:`PooledClient` turns back into ``socket.timeout``.  gevent's sockets need the
+    Python-level timeout, and so do platforms whose ``timeval`` we do not pack.
+    """
+    if seconds is None:
+        # thriftpy2's TSocket.open() leaves the connect timeout on the socket when there
+        # is no socket timeout: every call would time out after it.
+        sock.settimeout(None)
+        return
+    if not sys.platform.startswith("linux") or _compat.gevent_patched("socket"):
+        return
+    whole = int(seconds)
+    micros = round((seconds - whole) * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    if whole == 0 and micros == 0:
+        micros = 1  # a zero timeval means "never" to the kernel
+    timeval = struct.pack("@ll", whole, micros)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+        sock.settimeout(None)
+    except OSError:
+        sock.settimeout(seconds)  # keep CPython's timeout
+
+
+#: Per service: ``{method: (args spec, args class, result class, oneway)}``.
+_Api = Tuple[Any, Any, Any, bool]
+_CLIENT_CLASSES: Dict[int, Type["PooledClient"]] = {}
 
 
 def should_discard(exc: BaseException) -> bool:
@@ -68,7 +107,12 @@ class PooledClient(TClient):
     It numbers its requests and checks each reply's sequence id and method name, so a
     reply meant for an earlier, abandoned call can never be read as this call's answer.
     After its ``with`` block ends it refuses every call with :class:`ClientReleased`.
+    Build it through :func:`client_class`, whose subclass has the IDL's methods as real
+    methods (``TClient.__getattr__`` builds a ``functools.partial`` on every call).
     """
+
+    _apis: Dict[str, _Api] = {}  # filled by client_class()
+    _for_service: Any = None
 
     def __init__(self, service: ModuleType, conn: "Connection") -> None:
         protocol = conn.protocol
@@ -77,8 +121,7 @@ class PooledClient(TClient):
         self._seqid = 0
         self._conn: Optional[Connection] = conn
 
-    # TClient.__getattr__ serves the IDL methods; each call goes through _req, which
-    # refuses to run once the checkout has ended.
+    # Each IDL method goes through _req, which refuses to run once the checkout has ended.
 
     def _req(self, _api: str, *args: Any, **kwargs: Any) -> Any:
         conn = self._conn
@@ -87,9 +130,12 @@ class PooledClient(TClient):
                 f"{_api}() called after its checkout ended; its connection may belong "
                 "to another caller now")
         service = self._service
+        api = self._apis.get(_api)
+        if api is None:
+            api = _api_entry(service, _api)
+        spec, args_cls, _, oneway = api
         try:
-            kwargs = args_to_kwargs(getattr(service, _api + "_args").thrift_spec,
-                                    *args, **kwargs)
+            kwargs = args_to_kwargs(spec, *args, **kwargs)
         except ValueError as e:
             raise TApplicationException(
                 TApplicationException.UNKNOWN_METHOD,
@@ -102,12 +148,25 @@ class PooledClient(TClient):
         # an unknown state: whatever interrupts the call, the socket must not be reused.
         conn.in_call = True
         conn.sent = False
-        self._send(_api, **kwargs)
-        conn.sent = True
-        if getattr(service, _api + "_result").oneway:
-            conn.in_call = False
-            return None
-        return self._recv(_api)
+        try:
+            oprot = self._oprot
+            oprot.write_message_begin(
+                _api, TMessageType.ONEWAY if oneway else TMessageType.CALL, seqid)
+            request = args_cls()
+            for k, v in kwargs.items():
+                setattr(request, k, v)
+            request.write(oprot)
+            oprot.write_message_end()
+            oprot.trans.flush()
+            conn.sent = True
+            if oneway:
+                conn.in_call = False
+                return None
+            return self._recv(_api)
+        except BlockingIOError as exc:
+            # SO_RCVTIMEO / SO_SNDTIMEO expired (see _set_call_timeout): the same
+            # socket.timeout that a Python-level socket timeout raises.
+            raise socket.timeout("timed out") from exc
 
     def _recv(self, _api: str) -> Any:
         iprot = self._iprot
@@ -122,7 +181,8 @@ class PooledClient(TClient):
             iprot.read_message_end()
             self._mark_complete()
             raise x
-        result = getattr(self._service, _api + "_result")()
+        api = self._apis.get(_api) or _api_entry(self._service, _api)
+        result = api[2]()
         result.read(iprot)
         iprot.read_message_end()
         self._mark_complete()
@@ -150,6 +210,41 @@ class PooledClient(TClient):
     def __repr__(self) -> str:
         state = "released" if self._conn is None else str(self._conn.address)
         return f"<PooledClient {self._service.__name__} {state}>"
+
+
+def _api_entry(service: Any, api: str) -> _Api:
+    """The spec and classes of one IDL method (the slow path, for a bare PooledClient)."""
+    args_cls = getattr(service, api + "_args")
+    result_cls = getattr(service, api + "_result")
+    return args_cls.thrift_spec, args_cls, result_cls, bool(getattr(result_cls, "oneway", False))
+
+
+def _method(api: str) -> Callable[..., Any]:
+    def call(self: PooledClient, *args: Any, **kwargs: Any) -> Any:
+        return self._req(api, *args, **kwargs)
+
+    call.__name__ = call.__qualname__ = api
+    call.__doc__ = f"Call ``{api}`` on this checkout's connection."
+    return call
+
+
+def client_class(service: Any) -> Type[PooledClient]:
+    """The :class:`PooledClient` subclass for ``service``, built once per service.
+
+    Its IDL methods are real methods, and each method's args and result classes are
+    looked up once here rather than five times per call.  An IDL method whose name
+    :class:`PooledClient` already uses (``close``) stays reachable as ``tclose()``.
+    """
+    cls = _CLIENT_CLASSES.get(id(service))
+    if cls is None or cls._for_service is not service:
+        namespace: Dict[str, Any] = {
+            api: _method(api) for api in service.thrift_services
+            if not hasattr(PooledClient, api)}
+        namespace["_apis"] = {api: _api_entry(service, api) for api in service.thrift_services}
+        namespace["_for_service"] = service
+        cls = type(f"{service.__name__}PooledClient", (PooledClient,), namespace)
+        _CLIENT_CLASSES[id(service)] = cls
+    return cls
 
 
 class TLSSocket(TSocket):
@@ -257,10 +352,13 @@ class Connection:
         transport = config.transport_factory.get_transport(tsocket)
         protocol = config.protocol_factory.get_protocol(transport)
         transport.open()
-        if config.socket_timeout is None and tsocket.sock is not None:
-            # thriftpy2's TSocket.open() sets no socket timeout when it is None and so
-            # leaves the connect timeout on the socket: every call would time out after it.
-            tsocket.sock.settimeout(None)
+        sock = tsocket.sock
+        if sock is not None:
+            if isinstance(tsocket, TLSSocket):
+                if config.socket_timeout is None:
+                    sock.settimeout(None)
+            else:
+                _set_call_timeout(sock, config.socket_timeout)
         now = _compat.monotonic()
         if config.max_lifetime is None:
             expires = float("inf")

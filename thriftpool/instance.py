@@ -176,6 +176,25 @@ class InstancePool:
                 continue
             return conn
 
+    def take_idle(self) -> Optional[Connection]:
+        """The most recently used idle connection, alive and not expired, or ``None``.
+
+        The fast path of a checkout: no waiting, no connecting.  A dead or expired
+        connection is closed and ``None`` returned; :meth:`acquire` does the rest.
+        """
+        with self._lock:
+            if self._closed or not self._idle:
+                return None
+            conn = self._idle.pop()
+            self._in_use.add(conn)
+        if conn.peer_closed():
+            self.release(conn, discard=True, reason="peer_closed")
+            return None
+        if conn.is_expired(_compat.monotonic()):
+            self.release(conn, discard=True, reason="expired")
+            return None
+        return conn
+
     def _wait(self, waiter: _Waiter, deadline: float,
               wait: Optional[float] = None) -> Optional[Connection]:
         waiter.wait(max(0.0, deadline - _compat.monotonic()))

@@ -15,7 +15,7 @@ from . import _compat
 from .address import Address, AddressLike, Endpoint
 from .balancer import Balancer, make_balancer
 from .config import UNSET, PoolConfig, _check_seconds
-from .connection import Connection, PooledClient, is_connect_error, should_discard
+from .connection import Connection, PooledClient, client_class, is_connect_error, should_discard
 from .discovery.base import Discovery
 from .discovery.static import StaticDiscovery
 from .errors import NoAvailableInstance, PoolClosed, PoolExhausted
@@ -171,6 +171,7 @@ class ThriftPool:
             discovery = StaticDiscovery(discovery)  # type: ignore[arg-type]
         balancer = make_balancer(balancer)
         self.service = service
+        self._client_class = client_class(service)
         self.name = name
         self._balancer = balancer
         self._retry_budget = RetryBudget(self.config.retry_budget)
@@ -293,6 +294,18 @@ class ThriftPool:
             self._restart_after_fork()
         now = _compat.monotonic()
         self._last_checkout = now
+        picked: Optional[InstancePool] = None
+        if not exclude:
+            # Fast path, most checkouts: the picked instance's most recently used idle
+            # connection, alive and not expired.  Otherwise the loop below starts from
+            # the same pick, so the balancer sees one pick per checkout either way.
+            picked = self._balancer.pick(self._ring)
+            if picked is not None:
+                conn = picked.take_idle()
+                if conn is not None:
+                    if self._events:
+                        self._events.emit("checkout", picked.key, _compat.monotonic() - now)
+                    return picked, conn
         if timeout is None:
             wait = self.config.checkout_timeout
         else:
@@ -303,7 +316,8 @@ class ThriftPool:
         last_error: Optional[BaseException] = None
         for _ in range(2 * len(self._ring) + 4):
             ring = self._ring
-            inst = self._balancer.pick(ring)
+            inst = picked if picked is not None else self._balancer.pick(ring)
+            picked = None
             probe = False
             if inst is None:
                 inst = self._panic_pick(ring, last_error)
@@ -543,7 +557,7 @@ class Checkout:
         pool = self._pool
         self._inst, conn = pool._acquire(self._timeout, self._exclude)
         self._conn = conn
-        self._client = client = PooledClient(pool.service, conn)
+        self._client = client = pool._client_class(pool.service, conn)
         return client
 
     def __exit__(self, exc_type: Optional[Type[BaseException]],

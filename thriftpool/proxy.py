@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set
 
 from .connection import should_discard
+from .pool import Checkout
 
 if TYPE_CHECKING:
     from .instance import InstancePool
@@ -28,8 +29,6 @@ def invoke(pool: "ThriftPool", api: str, args: Any, kwargs: Any) -> Any:
     retried.  The last error propagates unchanged.  (A connect that fails at checkout
     is already moved to another instance by the checkout itself.)
     """
-    from .pool import Checkout
-
     config = pool.config
     budget = pool._retry_budget
     budget.deposit()

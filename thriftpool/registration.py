@@ -30,7 +30,9 @@ from thriftpy2.transport import TSocket, TTransportException
 
 from . import _compat
 from ._zookeeper import (
+    RETRY_INITIAL,
     AuthData,
+    ClientSupervisor,
     HostsLike,
     check_acl,
     check_auth_data,
@@ -42,7 +44,6 @@ from ._zookeeper import (
     client_gave_up,
     close_client,
     encode_record,
-    is_transient,
     make_client,
 )
 from .address import Address
@@ -53,15 +54,9 @@ __all__ = ["RegisteredServer", "RegistrationConflict", "ServiceRegistration", "s
 
 logger = logging.getLogger(__name__)
 
-_RETRY_INITIAL = 0.2
-_RETRY_MAX = 5.0
 #: How often an idle worker checks that kazoo is still trying to connect.
 _SUPERVISE_INTERVAL = 5.0
 _RESERVED_KEYS = frozenset({"host", "port", "weight", "tls"})
-
-
-class _Restarted(Exception):
-    """Internal: the kazoo client was restarted; back off before the next attempt."""
 
 
 class RegistrationConflict(ThriftPoolError):
@@ -201,7 +196,11 @@ class ServiceRegistration:
         self._path_checked: Optional[int] = None
         self._acl_warned = False
         self._node_deleted = False
-        self._client_closed = False        # kazoo gave up connecting: restart it
+        # Runs the worker; its client_closed flag (kazoo gave up: restart it) is
+        # guarded by self._lock too.
+        self._supervisor = ClientSupervisor(
+            logger, self._wake, self._lock, self._state_lock, lambda: self._stopping,
+            self._register, self._register_failed, back_off_after_restart=True)
         self.registrations = 0             # nodes created, in all (for inspection)
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -236,7 +235,7 @@ class ServiceRegistration:
                 self._registered = False
                 self._conflict = None
                 self._node_deleted = False
-                self._client_closed = False
+                self._supervisor.client_closed = False
             self._registered_event.clear()
             self._path_checked = None
             self._client = client
@@ -244,7 +243,8 @@ class ServiceRegistration:
             self._stopping = False
             self._wake.clear()
             self._worker = _compat.spawn(
-                self._run, f"thriftpool-registration-{self.node_name}", client)
+                self._supervisor.run, f"thriftpool-registration-{self.node_name}", client,
+                f"registration {self.node_path}", _SUPERVISE_INTERVAL)
         try:
             client.start_async()  # never start(timeout): it closes the client on timeout
         except BaseException:
@@ -402,7 +402,7 @@ class ServiceRegistration:
             with self._lock:
                 self._connected = False
                 self._registered = False
-                self._client_closed = closed
+                self._supervisor.client_closed = closed
             self._registered_event.clear()
             if not self._stopping:
                 logger.warning("registration %s: ZooKeeper session lost; registering again "
@@ -419,59 +419,6 @@ class ServiceRegistration:
         self._wake.set()
 
     # -- the worker --------------------------------------------------------------------
-
-    def _run(self, client: KazooClient) -> None:
-        delay: Optional[float] = None
-        retry = _RETRY_INITIAL
-        last_problem = ""
-        gave_up_at: Optional[float] = None
-        while True:
-            self._wake.wait(_SUPERVISE_INTERVAL if delay is None else delay)
-            self._wake.clear()  # before reading flags, so no wake-up is lost
-            if self._stopping:
-                return
-            try:
-                with self._lock:
-                    restart, self._client_closed = self._client_closed, False
-                # A client that never connected says nothing when it gives up: notice
-                # it when it stays stopped for a whole interval (a single look could
-                # fall in the instant between start_async() and its first attempt).
-                now = _compat.monotonic()
-                if not client_gave_up(client):
-                    gave_up_at = None
-                elif gave_up_at is None:
-                    gave_up_at = now
-                elif now - gave_up_at >= _SUPERVISE_INTERVAL:
-                    restart = True
-                if restart:
-                    gave_up_at = None
-                    # Only an authentication failure or a custom connection_retry that
-                    # gave up stops kazoo for good; the node must not vanish for that.
-                    logger.error("registration %s: the ZooKeeper client stopped (%s); "
-                                 "restarting it", self.node_path, client.client_state)
-                    with self._state_lock:  # never restart a client stop() closed
-                        if self._stopping:
-                            return
-                        client.start_async()
-                    raise _Restarted()
-                delay = self._register(client)
-                retry = _RETRY_INITIAL
-                last_problem = ""
-            except Exception as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-                if is_transient(exc) or problem == last_problem \
-                        or isinstance(exc, _Restarted):
-                    logger.debug("registration %s: %s; retrying in %.1fs", self.node_path,
-                                 problem, retry)
-                elif isinstance(exc, NoAuthError):
-                    logger.error("registration %s: not allowed to create the node (check "
-                                 "auth_data and the ACL of %s); retrying", self.node_path,
-                                 self.path)
-                else:
-                    logger.exception("registration %s failed; retrying", self.node_path)
-                last_problem = problem
-                delay = retry
-                retry = min(retry * 2, _RETRY_MAX)
 
     def _register(self, client: KazooClient) -> Optional[float]:
         """Put our node in place, or watch the conflicting one.  Runs on the worker only.
@@ -538,7 +485,18 @@ class ServiceRegistration:
                 continue
             self._mark_registered(session, created)
             return None
-        return _RETRY_INITIAL  # it kept changing under us; look again shortly
+        return RETRY_INITIAL  # it kept changing under us; look again shortly
+
+    def _register_failed(self, exc: Exception, problem: str, quiet: bool,
+                         retry: float) -> None:
+        if quiet:
+            logger.debug("registration %s: %s; retrying in %.1fs", self.node_path, problem,
+                         retry)
+        elif isinstance(exc, NoAuthError):
+            logger.error("registration %s: not allowed to create the node (check auth_data "
+                         "and the ACL of %s); retrying", self.node_path, self.path)
+        else:
+            logger.exception("registration %s failed; retrying", self.node_path)
 
     def _mark_registered(self, session: int, created: bool) -> None:
         with self._lock:

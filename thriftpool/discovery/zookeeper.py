@@ -25,6 +25,7 @@ from kazoo.protocol.states import EventType, KazooState, WatchedEvent
 from .. import _compat
 from .._zookeeper import (
     AuthData,
+    ClientSupervisor,
     HostsLike,
     check_acl,
     check_auth_data,
@@ -34,7 +35,6 @@ from .._zookeeper import (
     check_seconds,
     client_gave_up,
     close_client,
-    is_transient,
     make_client,
     parse_record,
 )
@@ -45,10 +45,6 @@ __all__ = ["ZooKeeperDiscovery"]
 
 logger = logging.getLogger(__name__)
 
-#: First and longest wait before retrying a failed read (the worker is also woken at
-#: once when kazoo reconnects).
-_RETRY_INITIAL = 0.2
-_RETRY_MAX = 5.0
 #: How often an idle worker checks that kazoo is still trying to connect.
 _SUPERVISE_INTERVAL = 5.0
 
@@ -149,7 +145,11 @@ class ZooKeeperDiscovery(Discovery):
         self._resync = True               # read everything again (watches are gone)
         self._stale: Set[str] = set()     # children whose data changed
         self._path_ready = False          # path known to exist in this session
-        self._client_closed = False       # kazoo gave up connecting: restart it
+        # Runs the worker; its client_closed flag (kazoo gave up: restart it) is
+        # guarded by self._lock too.
+        self._supervisor = ClientSupervisor(
+            logger, self._wake, self._lock, self._state_lock, lambda: self._stopping,
+            self._refresh, self._refresh_failed)
         # Worker-only state.
         self._cache: Dict[str, Optional[Endpoint]] = {}
         self._warned: Dict[str, bytes] = {}
@@ -178,7 +178,7 @@ class ZooKeeperDiscovery(Discovery):
                 self._connected = False
                 self._resync = True
                 self._path_ready = False
-                self._client_closed = False
+                self._supervisor.client_closed = False
                 self._stale.clear()
             self._cache.clear()
             self._delivered = None
@@ -188,8 +188,9 @@ class ZooKeeperDiscovery(Discovery):
             self._running = True
             self._stopping = False
             self._wake.clear()
-            self._worker = _compat.spawn(self._run, f"thriftpool-{pool_name}-zookeeper",
-                                         client)
+            self._worker = _compat.spawn(self._supervisor.run,
+                                         f"thriftpool-{pool_name}-zookeeper", client,
+                                         f"pool {pool_name!r}", _SUPERVISE_INTERVAL)
         try:
             # Non-blocking: kazoo's start(timeout) would stop and close the client when
             # ZooKeeper is down, and a pool must come up anyway.
@@ -290,7 +291,7 @@ class ZooKeeperDiscovery(Discovery):
             with self._lock:
                 self._connected = False
                 self._path_ready = False
-                self._client_closed = closed
+                self._supervisor.client_closed = closed
             if not self._stopping:
                 logger.warning("pool %r: ZooKeeper session lost; serving the last known "
                                "instances until a new session is established",
@@ -315,64 +316,6 @@ class ZooKeeperDiscovery(Discovery):
             self._wake.set()
 
     # -- the worker ---------------------------------------------------------------------
-
-    def _run(self, client: KazooClient) -> None:
-        delay: Optional[float] = None  # None: wait for a callback
-        retry = _RETRY_INITIAL
-        last_problem = ""
-        gave_up_at: Optional[float] = None
-        while True:
-            self._wake.wait(_SUPERVISE_INTERVAL if delay is None else delay)
-            # Cleared before the flags are read, so a callback that lands during the
-            # pass wakes the next one instead of being lost.
-            self._wake.clear()
-            if self._stopping:
-                return
-            try:
-                with self._lock:
-                    restart, self._client_closed = self._client_closed, False
-                # A client that never connected says nothing when it gives up: notice
-                # it when it stays stopped for a whole interval (a single look could
-                # fall in the instant between start_async() and its first attempt).
-                now = _compat.monotonic()
-                if not client_gave_up(client):
-                    gave_up_at = None
-                elif gave_up_at is None:
-                    gave_up_at = now
-                elif now - gave_up_at >= _SUPERVISE_INTERVAL:
-                    restart = True
-                if restart:
-                    gave_up_at = None
-                    # Only an authentication failure or a custom connection_retry that
-                    # gave up stops kazoo for good; a pool must not go deaf for that.
-                    logger.error("pool %r: the ZooKeeper client stopped (%s); restarting it",
-                                 self._pool_name, client.client_state)
-                    with self._state_lock:  # never restart a client stop() closed
-                        if self._stopping:
-                            return
-                        client.start_async()
-                else:
-                    self._refresh(client)
-            except Exception as exc:
-                with self._lock:
-                    self._resync = True
-                problem = f"{type(exc).__name__}: {exc}"
-                if is_transient(exc) or problem == last_problem:
-                    logger.debug("pool %r: reading %s failed (%s); retrying in %.1fs",
-                                 self._pool_name, self.path, problem, retry)
-                elif isinstance(exc, NoAuthError):
-                    logger.error("pool %r: not allowed to read %s (check auth_data); "
-                                 "retrying", self._pool_name, self.path)
-                else:
-                    logger.exception("pool %r: reading %s failed; retrying",
-                                     self._pool_name, self.path)
-                last_problem = problem
-                delay = retry
-                retry = min(retry * 2, _RETRY_MAX)
-            else:
-                last_problem = ""
-                delay = None
-                retry = _RETRY_INITIAL
 
     def _refresh(self, client: KazooClient) -> None:
         """One pass: make sure the path exists, list it, read new or changed children,
@@ -424,6 +367,20 @@ class ZooKeeperDiscovery(Discovery):
                 seen.add(endpoint.address)
                 endpoints.append(endpoint)
         self._deliver(endpoints, len(children))
+
+    def _refresh_failed(self, exc: Exception, problem: str, quiet: bool,
+                        retry: float) -> None:
+        with self._lock:
+            self._resync = True
+        if quiet:
+            logger.debug("pool %r: reading %s failed (%s); retrying in %.1fs",
+                         self._pool_name, self.path, problem, retry)
+        elif isinstance(exc, NoAuthError):
+            logger.error("pool %r: not allowed to read %s (check auth_data); retrying",
+                         self._pool_name, self.path)
+        else:
+            logger.exception("pool %r: reading %s failed; retrying", self._pool_name,
+                             self.path)
 
     def _ensure_path(self, client: KazooClient, timeout: float) -> bool:
         """Create the path if allowed; else watch for it.  True when it exists."""

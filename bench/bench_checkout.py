@@ -8,8 +8,6 @@ and nothing is ever sent on them.  One operation is one checkout and one checkin
   the floor for a pool that checks liveness the way thriftpool does;
 - ``thriftpool``: ``with pool.checkout(): pass`` (1 instance, 8 idle connections); its
   liveness check (``poll(0)`` on the socket) is included;
-- ``thriftpool+diff``: the same with ``bench/proposed.diff``'s checkout changes
-  (``fast_checkout``, ``lean_client`` from ``bench/_patches.py``) patched in for its runs;
 - ``sqlalchemy``: ``QueuePool(creator=dummy, pool_size=8, max_overflow=0)``,
   ``pool.connect().close()``; no liveness check (``pre_ping`` would be a round trip), but
   its default reset-on-return calls the dummy's ``rollback()``;
@@ -153,30 +151,6 @@ class ThriftPoolKind(Kind):
         self.pool.close()
 
 
-class ThriftPoolDiff(ThriftPoolKind):
-    """thriftpool with bench/proposed.diff's hot-path changes monkeypatched in."""
-
-    name = "thriftpool+diff"
-    label = "thriftpool checkout() + proposed.diff"
-    patches = ["lean_client", "fast_checkout"]
-
-    def op(self) -> Callable[[], None]:
-        checkout = self.pool.checkout
-
-        def once() -> None:
-            with checkout():
-                pass
-
-        return once
-
-    def enter(self) -> None:
-        import _patches
-        self._undo = _patches.install(self.patches)
-
-    def exit(self) -> None:
-        self._undo()
-
-
 class SqlAlchemy(Kind):
     name = "sqlalchemy"
     label = "SQLAlchemy QueuePool"
@@ -271,7 +245,7 @@ class TcHeartbeat(Kind):
         self.pool.clear()
 
 
-KINDS: Dict[str, type] = {k.name: k for k in (Lifo, LifoPoll, ThriftPoolKind, ThriftPoolDiff,
+KINDS: Dict[str, type] = {k.name: k for k in (Lifo, LifoPoll, ThriftPoolKind,
                                               SqlAlchemy, HappyBase, TcHeartbeat)}
 
 

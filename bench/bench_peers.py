@@ -85,7 +85,7 @@ class Kind:
         raise NotImplementedError
 
     def enter(self) -> None:
-        """Called before each of this kind's runs (bench_hotpath.py installs patches)."""
+        """Called before each of this kind's runs."""
 
     def exit(self) -> None:
         """Called after each of this kind's runs."""

@@ -9,6 +9,7 @@ by identity; a concurrent rebuild computes the same thing, so the race is harmle
 from __future__ import annotations
 
 import bisect
+import heapq
 import itertools
 import random
 from typing import Dict, List, Optional, Sequence, Tuple, Type
@@ -43,9 +44,10 @@ class RoundRobin(Balancer):
     """Each checkout takes the next healthy instance in a smooth weighted round robin.
 
     With equal weights this is plain rotation.  With weights, the schedule interleaves
-    instances (nginx's smooth weighted round robin), so a weight-3 instance gets three
-    checkouts in six, spread out, rather than three in a row.  ``itertools.count`` hands out
-    positions atomically under the GIL (and under gevent), so no lock is needed.
+    instances (stride scheduling, like nginx's smooth weighted round robin), so a
+    weight-3 instance beside a weight-1 one gets three checkouts in four, spread out.
+    ``itertools.count`` hands out positions atomically under the GIL (and under gevent),
+    so no lock is needed.
     """
 
     name = "round_robin"
@@ -65,14 +67,16 @@ class RoundRobin(Balancer):
             scale = _MAX_SCHEDULE / total
             weights = [max(1, round(w * scale)) for w in weights]
             total = sum(weights)
-        current = [0] * len(ring)
+        # Stride scheduling: each instance is due every total/weight slots; a heap hands
+        # out the earliest due one.  O(total * log n), so a fleet of thousands with mixed
+        # weights is scheduled in milliseconds, on the first pick after a change.
+        heap = [(total / (2 * w), k, total / w) for k, w in enumerate(weights)]
+        heapq.heapify(heap)
         out: List[InstancePool] = []
         for _ in range(total):
-            for k, w in enumerate(weights):
-                current[k] += w
-            best = max(range(len(ring)), key=current.__getitem__)
-            current[best] -= total
-            out.append(ring[best])
+            due, k, stride = heapq.heappop(heap)
+            out.append(ring[k])
+            heapq.heappush(heap, (due + stride, k, stride))
         return tuple(out)
 
     def pick(self, ring: Sequence[InstancePool]) -> Optional[InstancePool]:
@@ -103,14 +107,21 @@ class RandomBalancer(Balancer):
     name = "random"
 
     def __init__(self) -> None:
-        self._ring: Optional[Sequence[InstancePool]] = None
-        self._cumulative: List[int] = []
+        # (ring, cumulative weights or None when all weights are equal), replaced as one
+        # object so a concurrent pick never pairs one ring with another's weights.
+        self._table: Tuple[Optional[Sequence[InstancePool]], Optional[List[int]]] = (None, None)
 
     def _choose(self, ring: Sequence[InstancePool]) -> InstancePool:
-        if ring is not self._ring:
-            self._cumulative = list(itertools.accumulate(max(1, i.weight) for i in ring))
-            self._ring = ring
-        cumulative = self._cumulative
+        table_ring, cumulative = self._table
+        if ring is not table_ring:
+            weights = [max(1, i.weight) for i in ring]
+            cumulative = (None if len(set(weights)) <= 1
+                          else list(itertools.accumulate(weights)))
+            self._table = (ring, cumulative)
+        if cumulative is None:
+            # Equal weights (the common case): an index, not a bisect, whose float-to-int
+            # comparisons grow with log(len(ring)) (bench/bench_scale.py).
+            return ring[int(random.random() * len(ring))]
         return ring[bisect.bisect_right(cumulative, random.random() * cumulative[-1])]
 
     def pick(self, ring: Sequence[InstancePool]) -> Optional[InstancePool]:

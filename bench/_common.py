@@ -65,15 +65,20 @@ class EchoServer:
         return self.host, self.port
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                try:
-                    f.close()
-                except OSError:
-                    pass
+        stop_process(self.proc)
+
+
+def stop_process(proc: "subprocess.Popen[str]") -> None:
+    """Kill a helper subprocess (if still running) and close its pipes."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    for f in (proc.stdin, proc.stdout):
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 def start_servers(n: int) -> List[EchoServer]:

@@ -48,7 +48,7 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from _common import Echo, machine_line, median, print_table, raise_fd_limit
+from _common import Echo, machine_line, median, print_table, raise_fd_limit, stop_process
 
 import thriftpool
 
@@ -126,15 +126,7 @@ class Holder:
         self.ports = [int(p) for p in ready.split()[1:]]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        for f in (self.proc.stdin, self.proc.stdout):
-            if f is not None:
-                try:
-                    f.close()
-                except OSError:
-                    pass
+        stop_process(self.proc)
 
 
 def addresses(ports: Sequence[int]) -> List[str]:

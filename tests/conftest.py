@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Iterator
 
@@ -86,3 +87,15 @@ def connect_log(monkeypatch):
     from faultproxy import ConnectLog
 
     return ConnectLog().install(monkeypatch)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (``CI`` set), a ZooKeeper or gevent test that skips fails instead: a missing
+    dependency must never pass silently."""
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and os.environ.get("CI")
+            and ("zookeeper" in item.keywords or "gevent" in item.keywords)):
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} skipped in CI; its dependency is missing"

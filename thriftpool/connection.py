@@ -347,18 +347,12 @@ class Connection:
                 address.host, address.port, socket_family=family,
                 socket_timeout=_ms(config.socket_timeout),
                 connect_timeout=_ms(config.connect_timeout))
-        if config.socket_timeout is None:
-            tsocket.socket_timeout = None
         transport = config.transport_factory.get_transport(tsocket)
         protocol = config.protocol_factory.get_protocol(transport)
         transport.open()
-        sock = tsocket.sock
-        if sock is not None:
-            if isinstance(tsocket, TLSSocket):
-                if config.socket_timeout is None:
-                    sock.settimeout(None)
-            else:
-                _set_call_timeout(sock, config.socket_timeout)
+        if not isinstance(tsocket, TLSSocket) and tsocket.sock is not None:
+            # (TLSSocket.open() already left socket_timeout on the socket.)
+            _set_call_timeout(tsocket.sock, config.socket_timeout)
         now = _compat.monotonic()
         if config.max_lifetime is None:
             expires = float("inf")
@@ -366,6 +360,16 @@ class Connection:
             # Jitter the lifetime so connections opened together do not all expire together.
             expires = now + config.max_lifetime * (1.0 - random.uniform(0, config.lifetime_jitter))
         return cls(address, tsocket, transport, protocol, now, expires)
+
+    def set_call_timeout(self, seconds: Optional[float]) -> None:
+        """Set the per-call timeout again (after a temporary one, e.g. a heartbeat's)."""
+        sock = self.socket.sock
+        if sock is None:
+            return
+        if self._tls:
+            sock.settimeout(seconds)
+        else:
+            _set_call_timeout(sock, seconds)
 
     def peer_closed(self) -> bool:
         """Tell, without blocking, whether the idle socket is unusable.

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple, 
 from . import _compat
 from .address import Address, Endpoint
 from .backoff import Backoff
-from .connection import Connection
+from .connection import Connection, client_class
 from .errors import PoolClosed, PoolExhausted, ThriftPoolError
 from .events import Emitter, ExhaustedEvent
 
@@ -154,13 +154,9 @@ class InstancePool:
                     else:
                         exhausted = self._exhausted_event_locked(wait)
             if conn is not None:
-                if conn.peer_closed():
-                    self.release(conn, discard=True, reason="peer_closed")
-                    continue
-                if conn.is_expired(_compat.monotonic()):
-                    self.release(conn, discard=True, reason="expired")
-                    continue
-                return conn
+                if self._usable(conn):
+                    return conn
+                continue
             if permit:
                 return self._open_for_checkout()
             if exhausted is not None:
@@ -171,10 +167,8 @@ class InstancePool:
                 if waiter.permit:
                     return self._open_for_checkout()
                 continue  # pragma: no cover - a woken waiter carries a conn, permit or error
-            if conn.peer_closed():
-                self.release(conn, discard=True, reason="peer_closed")
-                continue
-            return conn
+            if self._usable(conn):
+                return conn
 
     def take_idle(self) -> Optional[Connection]:
         """The most recently used idle connection, alive and not expired, or ``None``.
@@ -187,13 +181,18 @@ class InstancePool:
                 return None
             conn = self._idle.pop()
             self._in_use.add(conn)
+        return conn if self._usable(conn) else None
+
+    def _usable(self, conn: Connection) -> bool:
+        """Check a connection just taken from the idle stack (or handed over), outside the
+        lock: a socket the peer closed, or one past its lifetime, is closed instead."""
         if conn.peer_closed():
             self.release(conn, discard=True, reason="peer_closed")
-            return None
+            return False
         if conn.is_expired(_compat.monotonic()):
             self.release(conn, discard=True, reason="expired")
-            return None
-        return conn
+            return False
+        return True
 
     def _wait(self, waiter: _Waiter, deadline: float,
               wait: Optional[float] = None) -> Optional[Connection]:
@@ -513,10 +512,8 @@ class InstancePool:
 
     def _heartbeat(self, conn: Connection) -> None:
         """Call the ``heartbeat`` method on an idle connection; a failure discards it."""
-        from .connection import PooledClient
-
         config = self._config
-        client = PooledClient(config.service, conn)
+        client = client_class(config.service)(config.service, conn)
         sock = conn.socket.sock
         # The pool's one watchdog thread must not wait on a hung server for socket_timeout
         # (None: forever, and close() could not stop the thread): a ping on an idle
@@ -528,8 +525,7 @@ class InstancePool:
             if sock is not None:
                 sock.settimeout(beat_timeout)
             client._req(config.heartbeat)  # type: ignore[arg-type]
-            if sock is not None:
-                sock.settimeout(config.socket_timeout)
+            conn.set_call_timeout(config.socket_timeout)
         except Exception as exc:
             logger.info("pool %r: heartbeat %s() to %s failed: %s", self._pool_name,
                         self._config.heartbeat, self.key, exc)

@@ -292,6 +292,12 @@ class ThriftPool:
             raise PoolClosed(f"pool {self.name!r} is closed")
         if self._forked:
             self._restart_after_fork()
+        if timeout is None:
+            wait = self.config.checkout_timeout
+        else:
+            checked = _check_seconds("timeout", timeout, allow_none=False, allow_zero=True)
+            assert checked is not None
+            wait = checked
         now = _compat.monotonic()
         self._last_checkout = now
         picked: Optional[InstancePool] = None
@@ -306,12 +312,6 @@ class ThriftPool:
                     if self._events:
                         self._events.emit("checkout", picked.key, _compat.monotonic() - now)
                     return picked, conn
-        if timeout is None:
-            wait = self.config.checkout_timeout
-        else:
-            checked = _check_seconds("timeout", timeout, allow_none=False, allow_zero=True)
-            assert checked is not None
-            wait = checked
         deadline = now + wait
         last_error: Optional[BaseException] = None
         for _ in range(2 * len(self._ring) + 4):

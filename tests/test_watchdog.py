@@ -203,18 +203,18 @@ def test_close_wakes_a_sleeping_watchdog_at_once(farm):
 def test_watchdog_survives_a_failing_pass(farm, make_pool, monkeypatch, caplog):
     """A pass that raises is logged and the next one runs.  (The failure is injected:
     nothing real makes a pass raise on purpose.)"""
-    from thriftpool import instance
+    from thriftpool import pool as pool_module
 
-    original = instance.InstancePool.maintain
+    original = pool_module.plan
     failures = []
 
-    def flaky(self, *args, **kwargs):
+    def flaky(*args, **kwargs):
         if len(failures) < 3:
             failures.append(1)
             raise RuntimeError("injected maintenance failure")
-        return original(self, *args, **kwargs)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(instance.InstancePool, "maintain", flaky)
+    monkeypatch.setattr(pool_module, "plan", flaky)
     server = farm.one()
     make_pool([server.address], min_size=2, watchdog_interval=0.02)
     wait_for(lambda: server.open_connections() == 2, 10, message="filled despite failures")

@@ -1,9 +1,10 @@
 """Concurrency primitives, routed through one module so gevent patching applies.
 
-thriftpool uses only ``threading``, ``time``, ``socket`` and ``select`` objects that
-``gevent.monkey.patch_all()`` replaces, looked up at call time, so the same code runs
-in plain threads and in gevent-patched workers.  gevent itself is never imported here:
-whether it patched this process is read from ``sys.modules``.
+Every primitive is looked up in ``threading`` and ``time`` when it is made or called, not
+when this module is imported, so a process that gevent patches after importing thriftpool
+(gunicorn ``--preload -k gevent``) gets gevent's lock, event and greenlets from then on.
+gevent itself is never imported here: whether it patched this process is read from
+``sys.modules``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,27 @@ __all__ = [
     "spawn",
 ]
 
-Lock = threading.Lock
-RLock = threading.RLock
-Condition = threading.Condition
-Event = threading.Event
-monotonic = time.monotonic
+monotonic = time.monotonic  # never patched by gevent
+
+
+def Lock() -> Any:  # noqa: N802 - stands for the class
+    """A new ``threading.Lock`` (gevent's once ``threading`` is patched)."""
+    return threading.Lock()
+
+
+def RLock() -> Any:  # noqa: N802
+    """A new ``threading.RLock`` (gevent's once patched)."""
+    return threading.RLock()
+
+
+def Condition(lock: Any = None) -> Any:  # noqa: N802
+    """A new ``threading.Condition`` (gevent's once patched)."""
+    return threading.Condition(lock)
+
+
+def Event() -> Any:  # noqa: N802
+    """A new ``threading.Event`` (gevent's once patched)."""
+    return threading.Event()
 
 
 def sleep(seconds: float) -> None:
@@ -56,5 +73,5 @@ def spawn(target: Callable[..., Any], name: str, *args: Any) -> threading.Thread
 
 
 def has_poll() -> bool:
-    """``select.poll`` exists (gevent's patching removes it)."""
+    """``select.poll`` exists (gevent's patching may remove it)."""
     return hasattr(select, "poll")

@@ -1,4 +1,4 @@
-"""Reconnect backoff (exponential with jitter, gRPC's shape, via tenacity) and the retry budget.
+"""Reconnect backoff: exponential with jitter, gRPC's shape, via tenacity.
 
 The watchdog never sleeps for one instance's backoff.  Each failing instance keeps a
 :class:`Backoff`; a failure computes the monotonic time before which nobody may try that
@@ -8,12 +8,11 @@ instance again, and the watchdog and checkouts simply skip it until then.
 from __future__ import annotations
 
 import random
-import time
 from typing import Any
 
 import tenacity
 
-__all__ = ["Backoff", "RetryBudget"]
+__all__ = ["Backoff"]
 
 
 class Backoff:
@@ -46,45 +45,3 @@ class Backoff:
     def reset(self) -> None:
         """Forget the failures after a success."""
         self.failures = 0
-
-
-class RetryBudget:
-    """Caps retries at a fraction of recent calls, as Finagle's retry budget does.
-
-    Each call deposits ``ratio`` of a token (the balance is capped, so quiet periods do not
-    bank an unbounded burst); each retry withdraws a whole token.  A small reserve of
-    ``min_per_second`` tokens a second lets a low-traffic client still retry.  When every
-    instance fails at once, retries stop multiplying the load on the survivors.
-
-    Updates are lock-free: a lost deposit under a race only makes the budget a little
-    stricter.
-    """
-
-    __slots__ = ("_ratio", "_balance", "_cap", "_reserve", "_min_per_second", "_refilled_at")
-
-    def __init__(self, ratio: float, min_per_second: float = 10.0, cap: float = 100.0) -> None:
-        self._ratio = ratio
-        self._balance = 0.0
-        self._cap = cap
-        self._min_per_second = min_per_second
-        self._reserve = min_per_second
-        self._refilled_at = time.monotonic()
-
-    def deposit(self) -> None:
-        """Count one call."""
-        balance = self._balance + self._ratio
-        self._balance = balance if balance < self._cap else self._cap
-
-    def withdraw(self) -> bool:
-        """Take the token for one retry; ``False`` when the budget is spent."""
-        if self._balance >= 1.0:
-            self._balance -= 1.0
-            return True
-        now = time.monotonic()
-        self._reserve = min(self._min_per_second,
-                            self._reserve + (now - self._refilled_at) * self._min_per_second)
-        self._refilled_at = now
-        if self._reserve >= 1.0:
-            self._reserve -= 1.0
-            return True
-        return False

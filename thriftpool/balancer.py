@@ -164,7 +164,8 @@ class LeastLoaded(RandomBalancer):
         if a is b:
             return a
         # in_use / weight, compared without division
-        return a if a.in_use * max(1, b.weight) <= b.in_use * max(1, a.weight) else b
+        return a if (len(a.in_use) * max(1, b.weight)
+                     <= len(b.in_use) * max(1, a.weight)) else b
 
 
 BALANCERS: Dict[str, Type[Balancer]] = {

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
     from .config import PoolConfig
 
-__all__ = ["Connection", "PooledClient", "client_class", "is_connect_error", "should_discard"]
+__all__ = ["Connection", "PooledClient", "client_class", "is_connect_error", "readable",
+           "should_discard"]
 
 _MAX_SEQID = 2 ** 31 - 1
 _POLL_READABLE = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2) | \
@@ -99,6 +100,42 @@ def should_discard(exc: BaseException) -> bool:
 def is_connect_error(exc: BaseException) -> bool:
     """The request surely never left: the socket could not even be opened."""
     return isinstance(exc, TTransportException) and exc.type == TTransportException.NOT_OPEN
+
+
+def readable(conns: "list[Connection]") -> "set[Connection]":
+    """The idle connections among ``conns`` that have something to read (the peer hung up,
+    or sent bytes nobody asked for), or no socket at all; one ``poll`` for all of them.
+
+    It never blocks and reads nothing, so it may run while the connections sit in an idle
+    stack that checkouts take from: a checkout only ever polls through the connection's own
+    poll object, never this one.
+    """
+    out: "set[Connection]" = set()
+    if not conns:
+        return out
+    if _compat.has_poll():
+        poller = select.poll()
+        by_fd: Dict[int, Connection] = {}
+        for conn in conns:
+            fd = conn.fileno
+            if fd < 0:
+                out.add(conn)
+            else:
+                by_fd[fd] = conn
+                poller.register(fd, _POLL_READABLE)
+        try:
+            events = poller.poll(0)
+        except (OSError, ValueError):  # pragma: no cover - a descriptor closed meanwhile
+            return out | set(conns)
+        for fd, _ in events:
+            conn = by_fd.get(fd)
+            if conn is not None:
+                out.add(conn)
+        return out
+    for conn in conns:  # pragma: no cover - platforms without poll
+        if conn.peer_closed():
+            out.add(conn)
+    return out
 
 
 class PooledClient(TClient):
@@ -295,7 +332,7 @@ class Connection:
 
     __slots__ = ("address", "socket", "transport", "protocol", "created_at", "expires_at",
                  "idle_since", "seqid", "in_call", "sent", "detached", "_poller", "_fd",
-                 "_tls")
+                 "_tls", "uses", "last_beat")
 
     def __init__(self, address: Address, tsocket: TSocket, transport: Any, protocol: Any,
                  created_at: float, expires_at: float) -> None:
@@ -306,6 +343,8 @@ class Connection:
         self.created_at = created_at
         self.expires_at = expires_at
         self.idle_since = created_at
+        self.last_beat = created_at  # the last heartbeat (heartbeats keep idle_since)
+        self.uses = 0  # checkouts so far: tells the watchdog a socket stayed idle
         self.seqid = 0
         self.in_call = False
         self.sent = True  # False from the start of a call until its request was flushed
@@ -321,22 +360,23 @@ class Connection:
             self._poller.register(self._fd, _POLL_READABLE)
 
     @classmethod
-    def open(cls, address: Address, config: "PoolConfig", tls_required: bool = False
-             ) -> "Connection":
+    def open(cls, address: Address, config: "PoolConfig", tls_required: bool = False,
+             timeout: Optional[float] = None) -> "Connection":
         """Connect to ``address`` (and do the TLS handshake when the pool has an
-        ``ssl_context``); blocks up to ``config.connect_timeout``.
+        ``ssl_context``); blocks up to ``timeout`` (default ``config.connect_timeout``).
 
         :param tls_required: the instance advertises TLS; refuse to connect in plaintext.
         :raises TTransportException: ``NOT_OPEN`` when the connect or the handshake fails
             or times out, or when plaintext would go to an instance that requires TLS.
         """
+        connect_timeout = config.connect_timeout if timeout is None else timeout
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         tsocket: TSocket
         if config.ssl_context is not None:
             tsocket = TLSSocket(address.host, address.port, config.ssl_context,
                                 config.server_hostname, socket_family=family,
                                 socket_timeout=_ms(config.socket_timeout),
-                                connect_timeout=_ms(config.connect_timeout))
+                                connect_timeout=_ms(connect_timeout))
         elif tls_required:
             raise TTransportException(
                 type=TTransportException.NOT_OPEN,
@@ -346,7 +386,7 @@ class Connection:
             tsocket = TSocket(  # type: ignore[no-untyped-call]
                 address.host, address.port, socket_family=family,
                 socket_timeout=_ms(config.socket_timeout),
-                connect_timeout=_ms(config.connect_timeout))
+                connect_timeout=_ms(connect_timeout))
         transport = config.transport_factory.get_transport(tsocket)
         protocol = config.protocol_factory.get_protocol(transport)
         transport.open()
@@ -416,6 +456,15 @@ class Connection:
             except OSError:
                 pass
         return True  # EOF, or an unexpected byte
+
+    @property
+    def fileno(self) -> int:
+        """The socket's descriptor (-1 once closed or detached)."""
+        return self._fd if self.socket.sock is not None else -1
+
+    @property
+    def tls(self) -> bool:
+        return self._tls
 
     def is_expired(self, now: float) -> bool:
         """The connection outlived ``max_lifetime`` (jittered)."""

@@ -1,27 +1,37 @@
-"""ThriftPool: pooled thriftpy2 clients over a fleet of instances."""
+"""ThriftPool: pooled thriftpy2 clients over a fleet of instances.
+
+The pool wires the parts together: :class:`~thriftpool.state.PoolState` (every
+transition, under one lock), :class:`~thriftpool.checkout.Router` (the routing loop and
+its deadline), :mod:`~thriftpool.maintenance` run by the :class:`~thriftpool.watchdog.
+Watchdog` thread, and a :class:`~thriftpool.Discovery` that it listens to weakly, so
+that a pool the program drops is collected (its threads stop and its sockets close, with
+a ``ResourceWarning``).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import ssl
+import threading
+import warnings
 import weakref
 from types import ModuleType, TracebackType
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Type, Union
-
-from thriftpy2.thrift import TApplicationException
+from typing import Any, Dict, Iterable, List, Optional, Type, Union
 
 from . import _compat
-from .address import Address, AddressLike, Endpoint
+from .address import AddressLike, Endpoint
 from .balancer import Balancer, make_balancer
-from .config import UNSET, PoolConfig, _check_seconds
-from .connection import Connection, PooledClient, client_class, is_connect_error, should_discard
+from .checkout import Checkout, Router
+from .config import UNSET, PoolConfig
+from .connection import Connection, client_class
 from .discovery.base import Discovery
 from .discovery.static import StaticDiscovery
-from .errors import NoAvailableInstance, PoolClosed, PoolExhausted
-from .events import Emitter, ExhaustedCallback, ExhaustedEvent, PoolListener
-from .instance import InstancePool, Reroute
-from .backoff import RetryBudget
+from .errors import NoAvailableInstance, PoolClosed
+from .events import Emitter, ExhaustedCallback, PoolListener
+from .maintenance import Plan, check_idle, close_all, plan, run
+from .retry import RetryBudget, RetryPolicy
+from .state import Closing, PoolState
 from .watchdog import Watchdog
 
 __all__ = ["Checkout", "ThriftPool"]
@@ -50,14 +60,45 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _WeakListener:
+    """The listener a discovery holds: a weak reference to the pool, so discovery's
+    threads never keep an abandoned pool alive.  It survives any exception of the pool's
+    handler (logged once), so a discovery thread never dies of one."""
+
+    __slots__ = ("_ref", "_name", "_failed")
+
+    def __init__(self, pool: "ThriftPool") -> None:
+        self._ref = weakref.ref(pool)
+        self._name = pool.name
+        self._failed = False
+
+    def __call__(self, endpoints: List[Endpoint]) -> None:
+        pool = self._ref()
+        if pool is None:
+            return
+        try:
+            pool._on_discovery(endpoints)
+        except BaseException as exc:  # noqa: B036 - discovery threads must outlive it
+            if type(exc).__name__ == "GreenletExit":
+                raise
+            if not self._failed:
+                self._failed = True
+                logger.error("pool %r: applying a discovery list failed", self._name,
+                             exc_info=exc)
+            else:
+                logger.debug("pool %r: applying a discovery list failed again: %s",
+                             self._name, exc)
+
+
 class ThriftPool:
     """A thread-safe pool of thriftpy2 clients over every instance that discovery reports.
 
-    Each instance gets its own pool of at most ``max_size`` sockets.  A checkout picks a
-    healthy instance (round robin), hands out its most recently used idle socket after a
-    non-blocking liveness check, opens a new one while below ``max_size``, or waits up to
-    ``checkout_timeout`` for one to be checked in.  A named daemon watchdog thread reaps idle
-    sockets above ``min_size``, recycles sockets past ``max_lifetime``, refills instances to
+    Each instance gets its own slots: at most ``max_size`` sockets.  A checkout picks a
+    healthy instance with the balancer, hands out its most recently used idle socket after
+    a non-blocking liveness check, opens a new one while below ``max_size``, or waits, first
+    come first served, for whichever healthy instance frees a connection first, all within
+    one deadline (``checkout_timeout``).  A named daemon watchdog thread reaps idle sockets
+    above ``min_size``, recycles sockets past ``max_lifetime``, refills instances to
     ``min_size`` and probes failing instances with exponential backoff and jitter.
 
     :param service: the thriftpy2 service, e.g. ``thriftpy2.load("echo.thrift").Echo``.
@@ -69,8 +110,10 @@ class ThriftPool:
     :param initial_size: connections opened, in the background, when an instance is first
         seen (default: ``min_size``); 0 connects lazily.
     :param max_size: cap per instance on idle + in use + being opened connections.
-    :param checkout_timeout: seconds a checkout waits for a free connection before
-        :class:`PoolExhausted` (0: do not wait).
+    :param checkout_timeout: seconds a whole checkout may take: waiting, connecting (each
+        connect gets ``min(connect_timeout, time left)``), failing over and probing; then
+        :class:`PoolExhausted` (instances full) or :class:`NoAvailableInstance` (0: do not
+        wait).
     :param idle_timeout: seconds after which an idle connection above ``min_size`` is
         closed; ``None`` never.
     :param max_lifetime: seconds after which a connection is closed and replaced (idle ones
@@ -97,6 +140,8 @@ class ThriftPool:
     :param heartbeat: name of a no-argument IDL method the watchdog calls on connections
         idle for ``heartbeat_interval``; a failure, or no answer within
         ``connect_timeout`` (or ``socket_timeout`` if smaller), discards the connection.
+        A heartbeat keeps the connection's idle time (reaping goes on) and is not a call
+        success for the instance's health.
     :param heartbeat_interval: seconds of idleness before a heartbeat.
     :param retries: retries of a ``pool.client()`` call on other instances.
     :param idempotent: method names (or ``True``: all) that ``pool.client()`` may retry
@@ -152,7 +197,7 @@ class ThriftPool:
             raise ValueError(f"service must be a thriftpy2 service, got {service!r}")
         if name is None:
             name = getattr(service, "__name__", "thrift")
-        self.config = PoolConfig.build(
+        self.config = config = PoolConfig.build(
             service=service, name=name, min_size=min_size, initial_size=initial_size,
             max_size=max_size,
             checkout_timeout=checkout_timeout, idle_timeout=idle_timeout,
@@ -169,12 +214,8 @@ class ThriftPool:
             raise ValueError("discovery must be a Discovery or a list of addresses")
         if not isinstance(discovery, Discovery):
             discovery = StaticDiscovery(discovery)  # type: ignore[arg-type]
-        balancer = make_balancer(balancer)
         self.service = service
-        self._client_class = client_class(service)
         self.name = name
-        self._balancer = balancer
-        self._retry_budget = RetryBudget(self.config.retry_budget)
         if isinstance(listeners, (str, bytes)) or not isinstance(listeners, Iterable):
             raise ValueError(f"listeners must be a list of PoolListener, got {listeners!r}")
         listeners = tuple(listeners)
@@ -182,30 +223,33 @@ class ThriftPool:
             if not any(callable(getattr(listener, m, None)) for m in _LISTENER_METHODS):
                 raise ValueError(f"listeners: {listener!r} has no PoolListener method")
         self._events = Emitter(name, listeners)
+        self._state = PoolState(config, name)
+        self._client_class = client_class(service)
+        self._router = Router(config, self._state, make_balancer(balancer), self._events,
+                              self._client_class, self._restart)
+        self.retry_policy = RetryPolicy(config.retries, config.idempotent,
+                                        RetryBudget(config.retry_budget))
+        self._discovery = discovery
+        # Idle sockets of removed instances: discovery's thread must not block on closing
+        # them, so the watchdog does (they stay counted in ``closing`` until then).
+        self._to_close: List[Closing] = []
+        self._to_close_lock = _compat.Lock()
+        self._watchdog = Watchdog(self, config.watchdog_interval,
+                                  f"thriftpool-{name}-watchdog")
+        self._router.wake = self._watchdog.wake
+        self._restart_lock = _compat.Lock()
         for listener in listeners:
             attach = getattr(listener, "attach_pool", None)
             if callable(attach):
                 attach(self)
-        self._discovery = discovery
-        # The pool lock guards only the instance map, the ring and the close list; each
-        # instance guards its own connections.  Built here, while single-threaded.
-        self._lock = _compat.Lock()
-        self._instances: Dict[Address, InstancePool] = {}
-        self._ring: Tuple[InstancePool, ...] = ()
-        # idle sockets of removed instances, closed by the watchdog
-        self._to_close: List[Tuple[InstancePool, List[Connection]]] = []
-        self._last_checkout = 0.0
-        self._forked = False
-        self._watchdog = Watchdog(self, self.config.watchdog_interval,
-                                  f"thriftpool-{name}-watchdog")
         self._closed = False
         _POOLS.add(self)
         try:
-            discovery.start(self._on_discovery, name)
+            discovery.start(_WeakListener(self), name)
             self._watchdog.start()
             self._watchdog.wake()
         except BaseException:
-            self.close()
+            self.close(timeout=0)
             raise
 
     # -- discovery ---------------------------------------------------------------------
@@ -215,49 +259,24 @@ class ThriftPool:
 
         Unchanged instances keep their connections.  Removed ones stop taking checkouts
         at once; the watchdog closes their idle sockets right after, in-use ones close at
-        checkin.  Added ones take checkouts at once and get ``initial_size`` connections
-        from the watchdog.
+        checkin.  Added ones take checkouts (and serve waiters) at once and get
+        ``initial_size`` connections from the watchdog.
         """
-        wanted: Dict[Address, Endpoint] = {}
+        valid: List[Endpoint] = []
         for endpoint in endpoints:
-            if not isinstance(endpoint, Endpoint):
+            if isinstance(endpoint, Endpoint):
+                valid.append(endpoint)
+            else:
                 logger.warning("pool %r: discovery sent %r, not an Endpoint; skipped",
                                self.name, endpoint)
-                continue
-            wanted.setdefault(endpoint.address, endpoint)
-        added: List[str] = []
-        removed: List[InstancePool] = []
-        with self._lock:
-            if self._closed:
-                return
-            instances = dict(self._instances)
-            for address in list(instances):
-                if address not in wanted:
-                    removed.append(instances.pop(address))
-            for address, endpoint in wanted.items():
-                inst = instances.get(address)
-                if inst is None:
-                    instances[address] = InstancePool(endpoint, self.config, self.name,
-                                                      self._events)
-                    added.append(str(address))
-                else:
-                    inst.weight = endpoint.weight
-                    inst.tls = endpoint.tls
-            self._instances = instances
-            self._ring = tuple(instances[a] for a in wanted)
-        closing = []
-        for inst in removed:
-            # No socket I/O here: the watchdog, woken below, closes the idle sockets.
-            idle = inst.close(Reroute(inst.key))
-            if idle:
-                closing.append((inst, idle))
+        added, removed, closing = self._state.apply(valid)
         if closing:
-            with self._lock:
+            with self._to_close_lock:
                 self._to_close.extend(closing)
         if added or removed:
             logger.info("pool %r: instances added %s, removed %s; now %d",
                         self.name, added or "none", [i.key for i in removed] or "none",
-                        len(wanted))
+                        len(self._state.ring))
             self._watchdog.wake()
             if self._events:
                 for key in added:
@@ -267,7 +286,7 @@ class ThriftPool:
 
     # -- checkout ----------------------------------------------------------------------
 
-    def checkout(self, timeout: Optional[float] = None) -> "Checkout":
+    def checkout(self, timeout: Optional[float] = None) -> Checkout:
         """Borrow a client for a ``with`` block::
 
             with pool.checkout() as client:
@@ -277,135 +296,75 @@ class ThriftPool:
         transport, protocol or socket error, a timeout, or any exception that interrupts
         a call (``gevent.Timeout``, ``KeyboardInterrupt``) closes the socket instead of
         returning it; IDL-declared exceptions leave it pooled.  The client refuses calls
-        after the block.
+        after the block.  Entering blocks at most ``timeout`` seconds in all (waiting,
+        connecting, failing over); an interruption while it blocks gives back whatever it
+        held.  Right after the pool is built, a checkout waits (within the same deadline)
+        for discovery's first list.
 
-        :param timeout: seconds to wait for a free connection (default ``checkout_timeout``).
+        :param timeout: seconds the whole checkout may take (default ``checkout_timeout``).
         :raises PoolExhausted: no connection became free in time (``on_exhausted`` was called).
-        :raises NoAvailableInstance: no instance is known, or all are failing.
+        :raises NoAvailableInstance: no instance is known, discovery gave no list in time,
+            or no instance could be connected to in time.
         :raises PoolClosed: the pool is closed.
         """
-        return Checkout(self, timeout)
-
-    def _acquire(self, timeout: Optional[float], exclude: Optional[Set[InstancePool]] = None
-                 ) -> Tuple[InstancePool, Connection]:
-        if self._closed:
-            raise PoolClosed(f"pool {self.name!r} is closed")
-        if self._forked:
-            self._restart_after_fork()
-        if timeout is None:
-            wait = self.config.checkout_timeout
-        else:
-            checked = _check_seconds("timeout", timeout, allow_none=False, allow_zero=True)
-            assert checked is not None
-            wait = checked
-        now = _compat.monotonic()
-        self._last_checkout = now
-        picked: Optional[InstancePool] = None
-        if not exclude:
-            # Fast path, most checkouts: the picked instance's most recently used idle
-            # connection, alive and not expired.  Otherwise the loop below starts from
-            # the same pick, so the balancer sees one pick per checkout either way.
-            picked = self._balancer.pick(self._ring)
-            if picked is not None:
-                conn = picked.take_idle()
-                if conn is not None:
-                    if self._events:
-                        self._events.emit("checkout", picked.key, _compat.monotonic() - now)
-                    return picked, conn
-        deadline = now + wait
-        last_error: Optional[BaseException] = None
-        for _ in range(2 * len(self._ring) + 4):
-            ring = self._ring
-            inst = picked if picked is not None else self._balancer.pick(ring)
-            picked = None
-            probe = False
-            if inst is None:
-                inst = self._panic_pick(ring, last_error)
-                probe = True
-            elif exclude and inst in exclude:
-                # A retry: another instance than the ones that already failed this call.
-                inst = next((i for i in ring if i.healthy and i not in exclude
-                             and i.has_capacity()), None) or next(
-                    (i for i in ring if i.healthy and i not in exclude), inst)
-            elif not inst.has_capacity():
-                # Prefer another healthy instance that can serve now over waiting.
-                inst = next((i for i in ring if i.healthy and i.has_capacity()), inst)
-            try:
-                conn = inst.acquire(deadline, probe, wait)
-                if self._events:
-                    self._events.emit("checkout", inst.key, _compat.monotonic() - now)
-                return inst, conn
-            except Reroute:
-                continue
-            except PoolExhausted as exc:
-                self._fire_exhausted(getattr(exc, "event", None))
-                raise
-            except Exception as exc:
-                if not is_connect_error(exc):
-                    raise
-                last_error = exc  # the request never left: try another instance
-        raise NoAvailableInstance(
-            f"pool {self.name!r}: no instance could serve the checkout") from last_error
-
-    def _panic_pick(self, ring: Tuple[InstancePool, ...],
-                    last_error: Optional[BaseException]) -> InstancePool:
-        """Every instance is unhealthy: probe the one whose backoff ends first, if it has."""
-        if self._closed:
-            raise PoolClosed(f"pool {self.name!r} is closed")
-        if not ring:
-            raise NoAvailableInstance(f"pool {self.name!r}: discovery reports no instances")
-        now = _compat.monotonic()
-        # Panic mode: rather than fail without a try, probe the instance that failed
-        # longest ago (one probe at a time per instance, at most one per backoff_initial).
-        for inst in sorted(ring, key=lambda i: i.last_failure_at):
-            if inst.try_probe(now, panic=True):
-                return inst
-        soonest = min(ring, key=lambda i: i.next_attempt_at)
-        cause = last_error or soonest.last_error
-        raise NoAvailableInstance(
-            f"pool {self.name!r}: all {len(ring)} instances are failing; next attempt to "
-            f"{soonest.key} in {max(0.0, soonest.next_attempt_at - now):.2f}s "
-            f"(last error: {cause})") from cause
-
-    def _fire_exhausted(self, event: Optional[ExhaustedEvent]) -> None:
-        if event is None:
-            return
-        if self._events:
-            self._events.emit("exhausted", event)
-        callback = self.config.on_exhausted
-        if callback is None:
-            return
-        try:
-            callback(event)
-        except Exception:
-            logger.exception("pool %r: on_exhausted callback failed", self.name)
+        return Checkout(self._router, timeout)
 
     def client(self) -> Any:
         """A thread-safe proxy with the service's methods; each call checks out, calls and
         checks in (see :class:`~thriftpool.proxy.ClientProxy`)."""
         from .proxy import ClientProxy
 
-        return ClientProxy(self)
+        return ClientProxy(self._router, self.retry_policy, self)
 
     # -- watchdog ----------------------------------------------------------------------
 
     def _maintain(self) -> None:
-        """One watchdog pass; runs on the watchdog thread only."""
-        with self._lock:
-            if self._closed:
-                return
+        """One watchdog pass; runs on the watchdog thread only.  One instance's failure
+        is logged and does not stop the pass over the others."""
+        state = self._state
+        if state.closed:
+            return
+        router = self._router
+        router.reclaim_abandoned()
+        with self._to_close_lock:
             to_close, self._to_close = self._to_close, []
-            instances = list(self._instances.values())
-        for inst, conns in to_close:
-            inst._close_all(conns, "removed")
+        close_all(state, to_close, self._events)
+        with state.lock:
+            instances = list(state.instances.values())
         now = _compat.monotonic()
-        demand = now - self._last_checkout < _DEMAND_WINDOW
+        demand = now - router.last_checkout < _DEMAND_WINDOW
+        failure: Optional[BaseException] = None
         for inst in instances:
-            if self._closed:
+            if state.closed:
                 return
-            inst.maintain(now, demand)
+            try:
+                check_idle(state, inst, self._events)
+                p: Plan = plan(state, inst, now, demand)
+                run(state, p, self._events, self._heartbeat)
+            except Exception as exc:
+                failure = failure or exc
+                logger.debug("pool %r: maintenance of %s failed: %s", self.name, inst.key, exc)
+        if failure is not None:
+            raise failure  # logged once by the watchdog, with its traceback
 
-    # -- fork --------------------------------------------------------------------------
+    def _heartbeat(self, conn: Connection) -> None:
+        """Call the ``heartbeat`` method on an idle connection (watchdog thread)."""
+        config = self.config
+        client = self._client_class(self.service, conn)
+        # The pool's one watchdog thread must not wait on a hung server for socket_timeout
+        # (None: forever, and close() could not stop the thread): a ping on an idle
+        # connection is one round trip with no work, like a connect, so it gets at most
+        # connect_timeout.
+        beat_timeout = config.connect_timeout if config.socket_timeout is None \
+            else min(config.socket_timeout, config.connect_timeout)
+        try:
+            conn.set_call_timeout(beat_timeout)
+            client._req(config.heartbeat)  # type: ignore[arg-type]
+            conn.set_call_timeout(config.socket_timeout)
+        finally:
+            client._conn = None
+
+    # -- fork and late gevent patching -------------------------------------------------
 
     def _after_fork(self) -> None:
         """In a forked child (called by ``os.register_at_fork``): drop what was inherited.
@@ -417,29 +376,75 @@ class ThriftPool:
         """
         if self._closed:
             return
-        self._lock = _compat.Lock()
-        for inst in self._instances.values():
-            inst.detach_all()
-        for _, conns in self._to_close:
-            for conn in conns:
-                conn.detach()
+        state = self._state
+        state.renew_primitives()
+        for conn in state.drop_everything():
+            conn.detach()
+        for _, conn, _ in self._to_close:
+            conn.detach()
         self._to_close = []
+        self._to_close_lock = _compat.Lock()
+        self._restart_lock = _compat.Lock()
+        self._router.abandoned.clear()
         self._watchdog.after_fork()
         try:
             self._discovery.after_fork()
         except Exception:
             logger.exception("pool %r: discovery after-fork reset failed", self.name)
-        self._forked = True
+        self._router.stale = True
 
-    def _restart_after_fork(self) -> None:
-        with self._lock:
-            if not self._forked:
+    def _restart(self) -> None:
+        """Before a checkout: restart after fork, or rebuild for gevent patched late.
+
+        After ``gevent.monkey.patch_all()`` in a process where this pool was built first
+        (gunicorn ``--preload -k gevent``), the pool's event objects, its threads and its
+        sockets are the unpatched ones: a waiting greenlet would block the hub.  So the
+        pool stops its threads, makes gevent's primitives, closes its idle sockets (those in
+        use close at checkin) and starts greenlets instead.
+        """
+        router = self._router
+        with self._restart_lock:
+            patched_late = threading.Lock is not router.lock_type
+            if not router.stale and not patched_late:
                 return
-            self._forked = False
-        logger.info("pool %r: restarting in forked child %d", self.name, os.getpid())
-        self._discovery.start(self._on_discovery, self.name)
-        self._watchdog.start()
-        self._watchdog.wake()
+            router.lock_type = threading.Lock
+            forked = router.stale
+            router.stale = False
+            if self._closed:
+                return
+            if patched_late and not forked:
+                logger.info("pool %r: gevent patched the process after the pool was built; "
+                            "rebuilding its threads and sockets for gevent", self.name)
+                if not self._watchdog.stop(timeout=2.0):
+                    raise RuntimeError(
+                        f"pool {self.name!r}: gevent patched this process after the pool "
+                        "was built, and its watchdog thread did not stop; call "
+                        "gevent.monkey.patch_all() before building pools (or before "
+                        "importing thriftpool)")
+                try:
+                    self._discovery.stop()
+                except Exception:
+                    logger.exception("pool %r: stopping discovery failed", self.name)
+                self._discovery.after_fork()
+                state = self._state
+                closing: List[Closing] = []
+                with state.lock:
+                    for inst in state.instances.values():
+                        idle, inst.idle = inst.idle, []
+                        inst.closing += len(idle)
+                        closing.extend((inst, c, "expired") for c in idle)
+                        for conn in inst.in_use:
+                            conn.expires_at = 0.0  # closed at checkin
+                state.renew_primitives()
+                close_all(state, closing, self._events)
+                self._watchdog.renew()
+            else:
+                logger.info("pool %r: restarting in forked child %d", self.name, os.getpid())
+                self._state.renew_primitives()
+                self._watchdog.renew()
+            self._discovery.start(_WeakListener(self), self.name)
+            self._watchdog.start()
+            self._watchdog.wake()
 
     # -- inspection and lifecycle ------------------------------------------------------
 
@@ -447,8 +452,8 @@ class ThriftPool:
         """Block until discovery has reported at least one instance and the watchdog has
         opened the ``initial_size`` connections of every known instance (or failed to).
 
-        Optional: checkouts work without it (they connect on demand).  Useful at start-up
-        with ZooKeeper discovery, whose first list arrives asynchronously.
+        Optional: checkouts work without it (they wait for discovery's first list and
+        connect on demand).
 
         :raises NoAvailableInstance: no instance was reported within ``timeout`` seconds.
         :raises PoolClosed: the pool is closed.
@@ -457,7 +462,7 @@ class ThriftPool:
         while True:
             if self._closed:
                 raise PoolClosed(f"pool {self.name!r} is closed")
-            ring = self._ring
+            ring = self._state.ring
             if ring and all(inst.first_fill_done for inst in ring):
                 return
             if _compat.monotonic() >= deadline:
@@ -471,17 +476,23 @@ class ThriftPool:
     def stats(self) -> Dict[str, Any]:
         """A snapshot of the pool's counts::
 
-            {"name", "size", "idle", "in_use", "opening", "waiting", "closed",
-             "instances": {"host:port": {"size", "idle", "in_use", "opening", "waiting",
-                                         "healthy", "weight", "failures", "opened",
-                                         "closed"}}}
+            {"name", "size", "idle", "in_use", "opening", "closing", "waiting", "closed",
+             "watchdog_alive", "discovery_alive",
+             "instances": {"host:port": {"size", "idle", "in_use", "opening", "closing",
+                                         "healthy", "state", "weight", "failures",
+                                         "opened", "closed"}}}
+
+        ``watchdog_alive`` tells whether the watchdog thread runs; ``discovery_alive``
+        whether discovery's own thread does (``None`` for a discovery without one).
         """
-        with self._lock:
-            instances = list(self._instances.values())
-        per = {inst.key: inst.stats() for inst in instances}
+        instances, per_list, waiting = self._state.snapshot()
+        per = {inst.key: s for inst, s in zip(instances, per_list)}
         totals = {k: sum(s[k] for s in per.values())
-                  for k in ("size", "idle", "in_use", "opening", "waiting")}
-        return {"name": self.name, **totals, "closed": self._closed, "instances": per}
+                  for k in ("size", "idle", "in_use", "opening", "closing")}
+        return {"name": self.name, **totals, "waiting": waiting, "closed": self._closed,
+                "watchdog_alive": self._watchdog.alive,
+                "discovery_alive": getattr(self._discovery, "alive", None),
+                "instances": per}
 
     @property
     def closed(self) -> bool:
@@ -491,28 +502,34 @@ class ThriftPool:
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool: idempotent, and safe to call from any thread.
 
-        Stops discovery and the watchdog (joined, up to ``timeout``), closes every idle
-        socket, fails waiting checkouts with :class:`PoolClosed`; sockets still checked out
-        are closed when their ``with`` block ends.  Later checkouts raise ``PoolClosed``.
+        First, at once: later checkouts raise :class:`PoolClosed`, waiting checkouts fail
+        with it, and every idle socket is closed.  Then discovery and the watchdog are
+        stopped, within ``timeout`` seconds in all.  Sockets still checked out are closed
+        when their ``with`` block ends.
         """
-        with self._lock:
-            if self._closed:
+        state = getattr(self, "_state", None)
+        if state is None:
+            self._closed = True
+            return
+        with state.lock:
+            if self._closed and state.closed:
                 return
             self._closed = True
-            _POOLS.discard(self)
-            instances = list(self._instances.values())
+        _POOLS.discard(self)
+        deadline = _compat.monotonic() + max(0.0, timeout)
+        _, closing = state.close()
+        with self._to_close_lock:
             to_close, self._to_close = self._to_close, []
-            self._instances = {}
-            self._ring = ()
+        close_all(state, closing + to_close, self._events)
         try:
-            self._discovery.stop()
+            stop = self._discovery.stop
+            try:
+                stop(timeout=max(0.0, deadline - _compat.monotonic()))  # type: ignore[call-arg]
+            except TypeError:
+                stop()
         except Exception:
             logger.exception("pool %r: stopping discovery failed", self.name)
-        self._watchdog.stop(timeout)
-        for inst in instances:
-            inst.shutdown()
-        for inst, conns in to_close:
-            inst._close_all(conns, "removed")
+        self._watchdog.stop(max(0.0, deadline - _compat.monotonic()))
         logger.debug("pool %r closed", self.name)
 
     def __enter__(self) -> "ThriftPool":
@@ -529,52 +546,14 @@ class ThriftPool:
             self.close(timeout=0)
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
+        # As an unclosed file does; after closing, so that a warnings filter turning it
+        # into an error cannot keep the threads and sockets alive.
+        warnings.warn(f"unclosed ThriftPool {getattr(self, 'name', '?')!r}: call close(); "
+                      "its threads were stopped and its sockets closed when it was "
+                      "collected", ResourceWarning, stacklevel=2, source=self)
 
     def __repr__(self) -> str:
         s = self.stats()
         state = "closed" if s["closed"] else f"{len(s['instances'])} instances"
         return (f"<ThriftPool {self.name!r} {state} size={s['size']} idle={s['idle']} "
                 f"in_use={s['in_use']} waiting={s['waiting']}>")
-
-
-class Checkout:
-    """The context manager that :meth:`ThriftPool.checkout` returns (one use only)."""
-
-    __slots__ = ("_pool", "_timeout", "_exclude", "_inst", "_conn", "_client", "sent")
-
-    def __init__(self, pool: ThriftPool, timeout: Optional[float],
-                 exclude: Optional[Set[InstancePool]] = None) -> None:
-        self._pool = pool
-        self._timeout = timeout
-        self._exclude = exclude
-        self._inst: Optional[InstancePool] = None
-        self._conn: Optional[Connection] = None
-        self.sent = True
-
-    def __enter__(self) -> PooledClient:
-        if self._conn is not None:
-            raise RuntimeError("a checkout can be entered only once")
-        pool = self._pool
-        self._inst, conn = pool._acquire(self._timeout, self._exclude)
-        self._conn = conn
-        self._client = client = pool._client_class(pool.service, conn)
-        return client
-
-    def __exit__(self, exc_type: Optional[Type[BaseException]],
-                 exc: Optional[BaseException], tb: Optional[TracebackType]) -> None:
-        conn = self._conn
-        if conn is None:
-            return
-        self._client._conn = None
-        self.sent = conn.sent
-        # in_call: an exception (any, even KeyboardInterrupt) cut a call short, so the
-        # stream holds half a request or an unread reply.  With no call in flight the
-        # stream is intact: an error from the caller's own code (or from another pool's
-        # client used inside this block) says nothing about this connection or instance;
-        # only a server's complete TApplicationException answer may still condemn it.
-        in_call = conn.in_call
-        failed = exc is not None and should_discard(exc) and (
-            in_call or isinstance(exc, TApplicationException))
-        discard = failed or in_call
-        assert self._inst is not None
-        self._inst.release(conn, discard, exc if failed and isinstance(exc, Exception) else False)

@@ -8,7 +8,7 @@
 
 Gauges (read from ``pool.stats()`` at scrape time, so they cost nothing per call):
 ``thriftpool_connections{pool,instance,state="idle|in_use|opening"}``,
-``thriftpool_waiting{pool,instance}``, ``thriftpool_instance_healthy{pool,instance}``.
+``thriftpool_waiting{pool}``, ``thriftpool_instance_healthy{pool,instance}``.
 Counters: ``thriftpool_connections_opened_total{pool,instance}``,
 ``thriftpool_connections_closed_total{pool,instance,reason}``,
 ``thriftpool_checkouts_exhausted_total{pool,instance}``,
@@ -51,8 +51,8 @@ class _PoolCollector:
         ns = self._namespace
         conns = GaugeMetricFamily(f"{ns}_connections", "Pooled connections by state.",
                                   labels=["pool", "instance", "state"])
-        waiting = GaugeMetricFamily(f"{ns}_waiting", "Checkouts waiting for a connection.",
-                                    labels=["pool", "instance"])
+        waiting = GaugeMetricFamily(f"{ns}_waiting", "Checkouts waiting for a connection "
+                                    "(from any instance).", labels=["pool"])
         healthy = GaugeMetricFamily(f"{ns}_instance_healthy",
                                     "1 if the instance takes traffic, 0 if ejected.",
                                     labels=["pool", "instance"])
@@ -60,10 +60,10 @@ class _PoolCollector:
             if pool.closed:
                 continue
             stats = pool.stats()
+            waiting.add_metric([pool.name], stats["waiting"])
             for key, inst in stats["instances"].items():
                 for state in ("idle", "in_use", "opening"):
                     conns.add_metric([pool.name, key, state], inst[state])
-                waiting.add_metric([pool.name, key], inst["waiting"])
                 healthy.add_metric([pool.name, key], 1 if inst["healthy"] else 0)
         yield conns
         yield waiting

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set
 
-from .connection import should_discard
-from .pool import Checkout
+from .checkout import Checkout
 
 if TYPE_CHECKING:
+    from .checkout import Router
     from .instance import InstancePool
-    from .pool import ThriftPool
+    from .retry import RetryPolicy
 
 __all__ = ["ClientProxy"]
 
@@ -19,41 +19,33 @@ logger = logging.getLogger(__name__)
 _CLASSES: Dict[int, type] = {}
 
 
-def invoke(pool: "ThriftPool", api: str, args: Any, kwargs: Any) -> Any:
-    """Call ``api`` through the pool, retrying on another instance when that is safe.
-
-    A call is retried, up to ``retries`` times and within the retry budget, when the
-    request surely never reached a server (it failed before it was flushed: the connect
-    or the send failed), or, for methods listed in ``idempotent``, after any transport
-    error or timeout.  IDL exceptions and ``TApplicationException`` are answers, never
-    retried.  The last error propagates unchanged.  (A connect that fails at checkout
-    is already moved to another instance by the checkout itself.)
+def invoke(router: "Router", policy: "RetryPolicy", api: str, args: Any, kwargs: Any) -> Any:
+    """Call ``api`` through the pool, retrying on another instance when
+    :class:`~thriftpool.retry.RetryPolicy` says it is safe.  The last error propagates
+    unchanged.  (A connect that fails at checkout is already moved to another instance by
+    the checkout itself.)
     """
-    config = pool.config
-    budget = pool._retry_budget
-    budget.deposit()
+    policy.call_started()
     exclude: Optional[Set["InstancePool"]] = None
     attempt = 0
     while True:
-        checkout = Checkout(pool, None, exclude)
+        checkout = Checkout(router, None, exclude)
         try:
             with checkout as client:
                 return client._req(api, *args, **kwargs)
         except Exception as exc:
-            if (attempt >= config.retries or checkout._inst is None
-                    or not should_discard(exc)
-                    or (checkout.sent and api not in config.idempotent)
-                    or not budget.withdraw()):
+            inst = checkout.instance
+            if inst is None or not policy.may_retry(api, exc, attempt, checkout.sent):
                 raise
             attempt += 1
-            exclude = (exclude or set()) | {checkout._inst}
-            logger.debug("pool %r: retrying %s() (attempt %d) after %s on %s", pool.name,
-                         api, attempt + 1, type(exc).__name__, checkout._inst.key)
+            exclude = (exclude or set()) | {inst}
+            logger.debug("pool %r: retrying %s() (attempt %d) after %s on %s", router.name,
+                         api, attempt + 1, type(exc).__name__, inst.key)
 
 
 def _method(api: str) -> Callable[..., Any]:
     def call(self: "ClientProxy", *args: Any, **kwargs: Any) -> Any:
-        return invoke(self._thriftpool_pool, api, args, kwargs)
+        return invoke(self._thriftpool_router, self._thriftpool_retry, api, args, kwargs)
 
     call.__name__ = call.__qualname__ = api
     call.__doc__ = (f"Call ``{api}`` on a pooled connection (checkout, call, checkin), "
@@ -71,10 +63,11 @@ class ClientProxy:
     ``proxy._thriftpool_pool``.  Errors propagate unchanged, as from a raw client.
     """
 
-    __slots__ = ("_thriftpool_pool",)
+    __slots__ = ("_thriftpool_pool", "_thriftpool_router", "_thriftpool_retry")
 
-    def __new__(cls, pool: "ThriftPool") -> "ClientProxy":
-        service = pool.service
+    def __new__(cls, router: "Router", policy: "RetryPolicy", pool: Any = None
+                ) -> "ClientProxy":
+        service = router.service
         sub = _CLASSES.get(id(service))
         if sub is None or getattr(sub, "_thriftpool_service", None) is not service:
             namespace: Dict[str, Any] = {
@@ -85,11 +78,13 @@ class ClientProxy:
             _CLASSES[id(service)] = sub
         return object.__new__(sub)
 
-    def __init__(self, pool: "ThriftPool") -> None:
+    def __init__(self, router: "Router", policy: "RetryPolicy", pool: Any = None) -> None:
+        self._thriftpool_router = router
+        self._thriftpool_retry = policy
         self._thriftpool_pool = pool
 
     def __dir__(self) -> list[str]:
-        return list(self._thriftpool_pool.service.thrift_services)
+        return list(self._thriftpool_router.service.thrift_services)
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} over {self._thriftpool_pool!r}>"
+        return f"<{type(self).__name__} over ThriftPool {self._thriftpool_router.name!r}>"

@@ -1,4 +1,9 @@
-"""The one background thread of each pool: reaping, recycling, refilling, probing."""
+"""The one background thread of each pool: reaping, recycling, refilling, probing.
+
+The work of a pass is in :mod:`thriftpool.maintenance`; this module only runs it.  The
+thread survives any exception of a pass (a listener raising ``SystemExit`` included),
+logging each distinct failure once with its traceback.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,18 @@ __all__ = ["Watchdog"]
 logger = logging.getLogger(__name__)
 
 
+class _Run:
+    """One run of the thread: its own wake event and stop flag, so a thread that is
+    replaced (after fork, or late gevent patching) can never be revived by the next run."""
+
+    __slots__ = ("wake", "stopped", "thread")
+
+    def __init__(self) -> None:
+        self.wake = _compat.Event()
+        self.stopped = False
+        self.thread: Optional[threading.Thread] = None
+
+
 class Watchdog:
     """Runs ``pool._maintain()`` every ``interval`` seconds, or at once when woken.
 
@@ -28,55 +45,81 @@ class Watchdog:
         self._pool_ref = weakref.ref(pool)
         self._interval = interval
         self._name = name
-        self._wake = _compat.Event()
-        self._stopped = False
+        self._last_failure: Optional[str] = None
         self._state_lock = _compat.Lock()
-        self._thread: Optional[threading.Thread] = None
+        self._run = _Run()
+        self._closed = False
 
     def start(self) -> None:
-        """Start the thread; idempotent."""
+        """Start the thread; idempotent (and a no-op once stopped)."""
         with self._state_lock:
-            if self._thread is not None or self._stopped:
+            run = self._run
+            if run.thread is not None or run.stopped:
                 return
-            self._thread = _compat.spawn(self._run, self._name)
+            run.thread = _compat.spawn(self._loop, self._name, run)
 
     def wake(self) -> None:
         """Run a pass now (after discovery changed, or a connection was needed)."""
-        self._wake.set()
+        self._run.wake.set()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop the thread and wait up to ``timeout`` for it; idempotent."""
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the thread and wait up to ``timeout`` for it; idempotent.
+
+        :returns: True when the thread has ended (or never ran).
+        """
         with self._state_lock:
-            self._stopped = True
-            thread = self._thread
-        self._wake.set()
+            run = self._run
+            run.stopped = True
+            thread = run.thread
+        run.wake.set()
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            thread.join(max(0.0, timeout))
             if thread.is_alive():
-                logger.warning("%s did not stop within %.1fs", self._name, timeout)
+                if timeout > 0:
+                    logger.warning("%s did not stop within %.1fs", self._name, timeout)
+                return False
+        return True
 
-    def after_fork(self) -> None:
-        """In a forked child the thread is gone: forget it so :meth:`start` starts anew."""
+    def renew(self) -> None:
+        """Start over with fresh primitives (gevent's, once gevent patched) after the
+        thread was stopped or vanished in a fork; :meth:`start` runs it again."""
+        old = self._run
+        old.stopped = True
         self._state_lock = _compat.Lock()
-        self._wake = _compat.Event()
-        self._thread = None
+        self._run = _Run()
+
+    after_fork = renew
 
     @property
     def alive(self) -> bool:
-        thread = self._thread
+        thread = self._run.thread
         return thread is not None and thread.is_alive()
 
-    def _run(self) -> None:
-        while not self._stopped:
-            self._wake.wait(self._interval)
-            self._wake.clear()
-            if self._stopped:
+    def _loop(self, run: _Run) -> None:
+        while not run.stopped:
+            run.wake.wait(self._interval)
+            run.wake.clear()
+            if run.stopped:
                 return
             pool = self._pool_ref()
             if pool is None:
                 return
             try:
                 pool._maintain()
-            except Exception:
-                logger.exception("%s: maintenance pass failed", self._name)
+            except BaseException as exc:  # noqa: B036 - the thread must outlive any failure
+                if type(exc).__name__ == "GreenletExit":
+                    raise  # gevent is killing this greenlet: end quietly
+                self._log_failure(exc)
             del pool
+
+    def _log_failure(self, exc: BaseException) -> None:
+        """Log a failed pass with its traceback once; the same failure again only at DEBUG."""
+        key = f"{type(exc).__name__}: {exc}"
+        if key != self._last_failure:
+            self._last_failure = key
+            logger.error("%s: maintenance pass failed (the thread goes on)", self._name,
+                         exc_info=exc)
+        else:
+            logger.debug("%s: maintenance pass failed again: %s", self._name, key)
+
+

@@ -1,0 +1,263 @@
+"""The watchdog's work on one instance: planned under the state lock, carried out after it.
+
+One pass over an instance, in order:
+
+1. **Liveness** (:func:`check_idle`): the idle sockets are polled together, outside the
+   lock and without leaving the idle stack (a checkout may take one meanwhile; a socket
+   that was checked out during the poll is left alone, since its readability then means
+   nothing).  A readable idle socket was hung up on: it is closed, so ``min_size`` counts
+   live connections.  A readable TLS socket may hold only a session ticket; it is taken
+   aside (``busy``) for a non-blocking read and put back at its place if it is fine.
+2. **Plan** (:func:`plan`, under the lock, no I/O): idle sockets past ``max_lifetime`` and
+   those above ``min_size`` idle longer than ``idle_timeout`` go to ``closing``; sockets due
+   a heartbeat go to ``busy``; the connections to open are reserved in ``opening``: up to
+   the fill target while healthy, or one probe while ejected, past the backoff, and only
+   while checkouts want the pool (no reconnects without demand).
+3. **Carry out** (:func:`run`): close, heartbeat, open.  Every step gives back what it
+   reserved in a ``finally``, so an exception at any line leaves the counts exact.
+
+Heartbeats keep a connection's ``idle_since`` and its place in the stack (reaping goes on
+as if the heartbeat had not happened) and never count as call successes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, List, Tuple
+
+from . import _compat
+from .connection import Connection, readable
+from .state import Closing, PoolState
+
+if TYPE_CHECKING:
+    from .events import Emitter
+    from .instance import InstancePool
+
+__all__ = ["Plan", "check_idle", "close_all", "plan", "report_ejection", "report_restored", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What one pass does to one instance, decided under the lock."""
+
+    inst: "InstancePool"
+    closing: List[Closing] = field(default_factory=list)
+    heartbeats: List[Connection] = field(default_factory=list)
+    to_open: int = 0
+    probe: bool = False
+
+
+def check_idle(state: PoolState, inst: "InstancePool", events: "Emitter") -> None:
+    """Close the idle sockets of ``inst`` that the server hung up on (step 1)."""
+    with state.lock:
+        if inst.retired or not inst.idle:
+            return
+        snapshot: List[Tuple[Connection, int]] = [(c, c.uses) for c in inst.idle]
+    found = readable([c for c, _ in snapshot])
+    if not found:
+        return
+    closing: List[Closing] = []
+    tls_check: List[Connection] = []
+    with state.lock:
+        if inst.retired:
+            return
+        for conn, uses in snapshot:
+            # Still idle, and not checked out even briefly while we polled.
+            if conn in found and conn.uses == uses and conn in inst.idle:
+                inst.idle.remove(conn)
+                if conn.tls and conn.fileno >= 0:
+                    inst.busy.add(conn)
+                    tls_check.append(conn)
+                else:
+                    inst.closing += 1
+                    closing.append((inst, conn, "peer_closed"))
+    try:
+        for conn in tls_check:
+            # A non-blocking read of TLS records: only the watchdog holds the socket now.
+            dead = conn.peer_closed()
+            with state.lock:
+                inst.busy.discard(conn)
+                if dead or inst.retired or state.closed:
+                    inst.closing += 1
+                    closing.append((inst, conn, "peer_closed" if dead else "removed"))
+                else:
+                    state._push_idle_locked(inst, conn)
+                    if state.waiters:
+                        state._assign_locked(inst)
+    finally:
+        leftover = [c for c in tls_check if c in inst.busy]
+        if leftover:  # interrupted: close what was taken aside
+            with state.lock:
+                for conn in leftover:
+                    inst.busy.discard(conn)
+                    inst.closing += 1
+                    closing.append((inst, conn, "peer_closed"))
+        close_all(state, closing, events)
+
+
+def plan(state: PoolState, inst: "InstancePool", now: float, demand: bool) -> Plan:
+    """Decide step 2 for ``inst`` under the lock; reserves what it plans (see module doc)."""
+    config = state.config
+    out = Plan(inst)
+    with state.lock:
+        if inst.retired or state.closed:
+            return out
+        total = inst.size()
+        if inst.idle:
+            keep: List[Connection] = []
+            idle_timeout = config.idle_timeout
+            # The bottom of the stack holds the connections idle the longest.
+            for conn in inst.idle:
+                if now >= conn.expires_at:
+                    out.closing.append((inst, conn, "expired"))
+                    total -= 1
+                elif (idle_timeout is not None and total > config.min_size
+                        and now - conn.idle_since >= idle_timeout):
+                    out.closing.append((inst, conn, "idle"))
+                    total -= 1
+                else:
+                    keep.append(conn)
+            if out.closing:
+                inst.idle[:] = keep
+                inst.closing += len(out.closing)
+        target = min(max(inst.fill_target, config.min_size), config.max_size)
+        health = inst.health
+        if inst.healthy:
+            out.to_open = max(0, target - total)
+        elif demand and total < config.max_size and health.may_probe(now):
+            out.to_open = 1
+            out.probe = True
+            health.start_probe(now)
+        inst.opening += out.to_open
+        if config.heartbeat is not None and inst.healthy and inst.idle:
+            interval = config.heartbeat_interval
+            keep = []
+            for conn in inst.idle:
+                if now - max(conn.idle_since, conn.last_beat) >= interval:
+                    out.heartbeats.append(conn)
+                    inst.busy.add(conn)
+                else:
+                    keep.append(conn)
+            inst.idle[:] = keep
+    return out
+
+
+def run(state: PoolState, p: Plan, events: "Emitter", heartbeat: Any) -> None:
+    """Carry out a :class:`Plan` (step 3), outside the lock.
+
+    :param heartbeat: ``heartbeat(conn)`` makes the heartbeat call, raising on failure.
+    """
+    inst = p.inst
+    close_all(state, p.closing, events)
+    if p.closing:
+        logger.debug("pool %r: closed %d idle connections to %s", state.name,
+                     len(p.closing), inst.key)
+    for conn in p.heartbeats:
+        _beat(state, inst, conn, events, heartbeat)
+    _open(state, inst, p.to_open, p.probe, events)
+    inst.first_fill_done = True
+
+
+def _beat(state: PoolState, inst: "InstancePool", conn: Connection, events: "Emitter",
+          heartbeat: Any) -> None:
+    ok = False
+    error: BaseException = RuntimeError("heartbeat interrupted")
+    try:
+        heartbeat(conn)
+        ok = True
+    except BaseException as exc:
+        error = exc
+        if not isinstance(exc, Exception):
+            raise
+        logger.info("pool %r: heartbeat %s() to %s failed: %s", state.name,
+                    state.config.heartbeat, inst.key, exc)
+    finally:
+        closing: List[Closing] = []
+        with state.lock:
+            inst.busy.discard(conn)
+            if ok and not inst.retired and not state.closed:
+                conn.last_beat = _compat.monotonic()
+                state._push_idle_locked(inst, conn)   # idle_since unchanged: its old place
+                if state.waiters:
+                    state._assign_locked(inst)
+            else:
+                inst.closing += 1
+                closing.append((inst, conn, "heartbeat" if not ok else "removed"))
+        close_all(state, closing, events)
+    if not ok and isinstance(error, Exception):
+        report_ejection(state, inst, state.call_failed(inst, error), events)
+
+
+def _open(state: PoolState, inst: "InstancePool", to_open: int, probe: bool,
+          events: "Emitter") -> None:
+    """Open ``to_open`` reserved connections; give back the reservations not used."""
+    config = state.config
+    left = to_open
+    try:
+        while left:
+            try:
+                conn = Connection.open(inst.address, config, inst.tls)
+            except Exception as exc:
+                left -= 1
+                report_ejection(state, inst, state.open_failed(inst, exc, probe), events)
+                return
+            left -= 1
+            kept, restored, closing = state.opened(inst, conn, probe, for_checkout=False)
+            if events:
+                events.emit("connection_opened", inst.key)
+            if closing:
+                close_all(state, closing, events)
+                return
+            if restored:
+                report_restored(state, inst, events)
+        if to_open and inst.fill_target > config.min_size:
+            inst.fill_target = config.min_size
+    finally:
+        if left:  # a failure or an interruption: free the unused reservations
+            with state.lock:
+                inst.opening -= left
+                if probe:
+                    inst.health.probe_abandoned()
+                state._after_capacity_change_locked(inst)
+
+
+def close_all(state: PoolState, closing: List[Closing], events: "Emitter") -> None:
+    """Close connections already taken out of the pool (never under the lock), then free
+    their slots.  The slots are freed even if a close or a listener is interrupted."""
+    if not closing:
+        return
+    try:
+        for inst, conn, reason in closing:
+            conn.close()
+            if reason and events:
+                events.emit("connection_closed", inst.key, reason)
+    finally:
+        state.closed_conns(closing)
+
+
+def report_ejection(state: PoolState, inst: "InstancePool", ejection: Any, events: "Emitter") -> None:
+    """Log an ejection and tell the listeners (after the lock)."""
+    if ejection is None:
+        return
+    if ejection.was_healthy:
+        logger.warning("pool %r: instance %s ejected: %s (%s); next attempt in %.2fs",
+                       state.name, inst.key, ejection.why, ejection.error, ejection.delay)
+        if events:
+            why = ejection.why if ejection.error is None else \
+                f"{ejection.why} ({ejection.error})"
+            events.emit("instance_ejected", inst.key, why, ejection.delay)
+    else:
+        logger.info("pool %r: instance %s still failing (%d in a row): %s (%s); next "
+                    "attempt in %.2fs", state.name, inst.key, ejection.failures,
+                    ejection.why, ejection.error, ejection.delay)
+
+
+def report_restored(state: PoolState, inst: "InstancePool", events: "Emitter") -> None:
+    logger.info("pool %r: instance %s restored: a connect succeeded", state.name, inst.key)
+    if events:
+        events.emit("instance_restored", inst.key)
+
+

@@ -1,0 +1,550 @@
+"""Every transition of a pool's connections, under one lock, with the I/O left to the caller.
+
+:class:`PoolState` owns the one state lock of a :class:`~thriftpool.ThriftPool`, the map of
+instances, the ring the balancers read, and the queue of waiting checkouts.  Each method
+takes the lock, changes counts, and returns what must happen next (connections to close,
+events to report); the caller does that after the lock is released.  No method does socket
+I/O, calls a listener or logs while it holds the lock.
+
+Why one lock for the whole pool and not one per instance: a waiting checkout is served by
+whichever healthy instance frees a connection first (first come, first served across the
+pool), so a check-in on one instance and a waiter queued for the pool must be decided
+together.  The lock is held for a few dictionary and list operations, never across I/O.
+
+Transitions of a connection (see :mod:`thriftpool.instance` for the slots)::
+
+    (slot)  --grant_open / a waiter's permit-->  opening
+    opening --opened------------------------->  in_use (the checkout that opened it)
+    opening --opened_idle (watchdog)--------->  idle, or straight to the first waiter
+    opening --open_failed-------------------->  (slot free; the instance is ejected)
+    idle    --take_idle / route / assign----->  in_use
+    in_use  --checkin, reusable-------------->  idle, or straight to the first waiter
+    in_use  --checkin, discard/expired/retired->  closing --closed--> (slot free)
+    idle    --maintenance: reap/expire/dead--->  closing --closed--> (slot free)
+    idle    --maintenance: heartbeat---------->  busy --back to its place--> idle
+
+A freed slot goes to the first waiter as a permit to open a connection.  Waiters leave the
+queue only under the lock (a hand-off, a failure, or their own cancel), so a hand-off can
+never go to a checkout that gave up: :meth:`finish_wait` tells the giving-up checkout what
+it was handed meanwhile, and it gives that back.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from typing import (TYPE_CHECKING, Any, Deque, Dict, Iterable, List, Optional, Sequence, Set,
+                    Tuple)
+
+from . import _compat
+from .address import Address, Endpoint
+from .errors import PoolClosed, ThriftPoolError
+from .events import ExhaustedEvent
+from .health import Ejection
+from .instance import InstancePool
+
+if TYPE_CHECKING:
+    from .config import PoolConfig
+    from .connection import Connection
+
+__all__ = ["Grant", "PoolState", "Reroute", "Waiter"]
+
+
+class Reroute(ThriftPoolError):
+    """Internal: what this checkout waited for went away; route it again."""
+
+
+#: A connection to close and why (for the listeners), done by the caller after the lock.
+Closing = Tuple[InstancePool, "Connection", str]
+
+# Kinds of grant a checkout can get.
+CONN = "conn"        # an idle connection, now counted in_use
+PERMIT = "permit"    # the right to open one (counted in opening)
+PROBE = "probe"      # a permit that is also the instance's one probe (panic mode)
+WAIT = "wait"        # queued: wait on the waiter
+NONE = "none"        # no instance can serve: see reason
+
+
+class Grant:
+    """What :meth:`PoolState.route` decided for one checkout."""
+
+    __slots__ = ("kind", "inst", "conn", "waiter", "reason")
+
+    def __init__(self, kind: str, inst: Optional[InstancePool] = None,
+                 conn: Optional["Connection"] = None, waiter: Optional["Waiter"] = None,
+                 reason: str = "") -> None:
+        self.kind = kind
+        self.inst = inst
+        self.conn = conn
+        self.waiter = waiter
+        self.reason = reason
+
+
+class Waiter:
+    """One checkout waiting for a connection, or for the right to open one, from any
+    healthy instance.  Its fields change only under the state lock."""
+
+    __slots__ = ("_event", "inst", "conn", "permit", "error", "done", "picked")
+
+    def __init__(self, picked: Optional[InstancePool]) -> None:
+        self._event = _compat.Event()   # made now: gevent's Event once gevent patched
+        self.inst: Optional[InstancePool] = None
+        self.conn: Optional["Connection"] = None
+        self.permit = False
+        self.error: Optional[BaseException] = None
+        self.done = False
+        self.picked = picked            # the balancer's choice, for the exhausted report
+
+    def _give(self, inst: InstancePool, conn: Optional["Connection"]) -> None:
+        self.inst = inst
+        self.conn = conn
+        self.permit = conn is None
+        self.done = True
+        self._event.set()
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done = True
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        """Block until handed something or failed, up to ``timeout`` seconds."""
+        return bool(self._event.wait(timeout))
+
+
+class PoolState:
+    """The lock, the instances, the ring and the waiters of one pool (module docstring)."""
+
+    def __init__(self, config: "PoolConfig", name: str) -> None:
+        self.config = config
+        self.name = name
+        self.lock = _compat.Lock()
+        self.instances: Dict[Address, InstancePool] = {}
+        self.ring: Tuple[InstancePool, ...] = ()
+        self.waiters: Deque[Waiter] = deque()
+        self.closed = False
+        self.discovered = False    # discovery delivered its first list
+        self.first_answer = _compat.Event()
+
+    def renew_primitives(self) -> None:
+        """After fork or late gevent patching: fresh lock and event (nobody holds them)."""
+        self.lock = _compat.Lock()
+        answered = self.first_answer.is_set()
+        self.first_answer = _compat.Event()
+        if answered:
+            self.first_answer.set()
+
+    # -- checkout ----------------------------------------------------------------------
+
+    def take_idle(self, inst: InstancePool) -> Optional["Connection"]:
+        """The fast path: the top of ``inst``'s idle stack, now in use; or ``None``."""
+        with self.lock:
+            if not inst.idle or inst.retired or self.closed:
+                return None
+            conn = inst.idle.pop()
+            conn.uses += 1
+            inst.in_use.add(conn)
+            return conn
+
+    def route(self, picked: Optional[InstancePool], exclude: Optional[Set[InstancePool]],
+              probed: Set[InstancePool], now: float) -> Grant:
+        """Decide one step of a checkout: a connection, a permit, a probe, a wait or none.
+
+        Order: the balancer's pick if it can serve now; any other healthy instance that
+        can; else wait in the pool's queue for whichever healthy instance frees a
+        connection first.  Instances in ``exclude`` (a retry's failed ones) are avoided
+        while another healthy one exists.  With no healthy instance at all, probe one
+        ejected instance not yet probed by this checkout (panic mode), or give up.
+        """
+        with self.lock:
+            if self.closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            ring = self.ring
+            serving = [i for i in ring if i.healthy and not i.retired]
+            if exclude:
+                others = [i for i in serving if i not in exclude]
+                serving = others or serving
+            if serving:
+                # The balancer's pick, if it can serve now (an idle connection or a free
+                # slot): its choice spreads the load.  Else any idle connection, else any
+                # free slot, else wait for the first one freed anywhere.
+                if picked is not None and picked in serving:
+                    if picked.idle:
+                        return self._grant_idle_locked(picked)
+                    if picked.can_open():
+                        picked.opening += 1
+                        return Grant(PERMIT, picked)
+                for inst in serving:
+                    if inst.idle:
+                        return self._grant_idle_locked(inst)
+                for inst in serving:
+                    if inst.can_open():
+                        inst.opening += 1
+                        return Grant(PERMIT, inst)
+                waiter = Waiter(picked if picked in serving else serving[0])
+                self.waiters.append(waiter)
+                return Grant(WAIT, waiter=waiter)
+            if not ring:
+                if not self.discovered:
+                    return Grant(NONE, reason="discovery has not answered yet")
+                return Grant(NONE, reason="discovery reports no instances")
+            # Panic mode: every instance is failing.  Rather than fail without a try, probe
+            # the one that failed longest ago (one probe per instance at a time, and at
+            # most one per instance per checkout).
+            for inst in sorted(ring, key=lambda i: i.health.last_failure_at):
+                if (inst not in probed and not inst.retired and inst.size() < inst.max_size
+                        and inst.health.may_probe(now, panic=True)):
+                    inst.health.start_probe(now)
+                    inst.opening += 1
+                    return Grant(PROBE, inst)
+            soonest = min(ring, key=lambda i: i.health.next_attempt_at)
+            return Grant(NONE, soonest, reason=(
+                f"all {len(ring)} instances are failing; next attempt to {soonest.key} in "
+                f"{max(0.0, soonest.health.next_attempt_at - now):.2f}s"))
+
+    def _grant_idle_locked(self, inst: InstancePool) -> Grant:
+        conn = inst.idle.pop()
+        conn.uses += 1
+        inst.in_use.add(conn)
+        return Grant(CONN, inst, conn)
+
+    def finish_wait(self, waiter: Waiter) -> bool:
+        """The waiting checkout woke up, timed out or was interrupted: leave the queue.
+
+        Returns False when nothing was handed over (the waiter is gone from the queue);
+        True when it was: the caller must use or give back ``waiter.inst``/``conn``/
+        ``permit``, or raise ``waiter.error``.
+        """
+        with self.lock:
+            if waiter.done:
+                return True
+            waiter.done = True
+            try:
+                self.waiters.remove(waiter)
+            except ValueError:  # pragma: no cover - a queued waiter is always in the queue
+                pass
+            return False
+
+    def give_back(self, waiter: Waiter) -> List[Closing]:
+        """Return what a waiter was handed but will not use (it gave up, or was interrupted
+        before it could take it): the connection goes back unused, the permit is freed."""
+        inst = waiter.inst
+        if inst is None:
+            return []
+        if waiter.conn is not None:
+            conn, waiter.conn = waiter.conn, None
+            result = self.checkin(inst, conn, reuse=True, used=False)
+            return result[0] if result is not None else []
+        if waiter.permit:
+            waiter.permit = False
+            return self.open_abandoned(inst, probe=False)
+        return []
+
+    def exhausted_event(self, waiter: Optional[Waiter], timeout: float) -> ExhaustedEvent:
+        with self.lock:
+            inst = waiter.picked if waiter is not None else None
+            if inst is None and self.ring:
+                inst = self.ring[0]
+            return ExhaustedEvent(
+                pool=self.name, address=inst.key if inst is not None else "",
+                timeout=timeout, max_size=self.config.max_size,
+                in_use=len(inst.in_use) if inst is not None else 0,
+                idle=len(inst.idle) if inst is not None else 0,
+                opening=inst.opening if inst is not None else 0,
+                waiting=len(self.waiters))
+
+    # -- opening -----------------------------------------------------------------------
+
+    def opened(self, inst: InstancePool, conn: "Connection", probe: bool, for_checkout: bool
+               ) -> Tuple[bool, bool, List[Closing]]:
+        """A connect of ``inst`` succeeded.  With ``for_checkout`` the connection is the
+        caller's (in use); otherwise it goes to the first waiter or the idle stack.
+
+        Returns ``(kept, restored, closing)``: ``kept`` is False when the instance was
+        retired or the pool closed meanwhile (the connection is in ``closing``).
+        """
+        with self.lock:
+            inst.opening -= 1
+            inst.opened_total += 1
+            if inst.retired or self.closed:
+                inst.closing += 1
+                return False, False, [(inst, conn, "removed" if not self.closed
+                                       else "pool_closed")]
+            restored = inst.health.connected()
+            inst.healthy = inst.health.serving
+            if for_checkout:
+                conn.uses += 1
+                inst.in_use.add(conn)
+            else:
+                self._push_idle_locked(inst, conn)
+            if self.waiters:
+                self._assign_locked(inst)
+            return True, restored, []
+
+    def open_failed(self, inst: InstancePool, error: BaseException, probe: bool
+                    ) -> Optional[Ejection]:
+        """A connect of ``inst`` failed (an ``Exception``): eject it, free the slot."""
+        now = _compat.monotonic()
+        with self.lock:
+            inst.opening -= 1
+            ejection = inst.health.connect_failed(now, error)
+            inst.healthy = inst.health.serving
+            self._after_capacity_change_locked(inst)
+            return ejection
+
+    def open_abandoned(self, inst: InstancePool, probe: bool) -> List[Closing]:
+        """A connect was interrupted (not the server's fault) or a permit given back: free
+        the slot and let the next waiter have it; the instance's health is unchanged."""
+        with self.lock:
+            inst.opening -= 1
+            if probe:
+                inst.health.probe_abandoned()
+            inst.health.last_attempt_at = _compat.monotonic()
+            self._after_capacity_change_locked(inst)
+        return []
+
+    # -- checkin -----------------------------------------------------------------------
+
+    def checkin(self, inst: InstancePool, conn: "Connection", reuse: bool, used: bool = True,
+                failure: Optional[BaseException] = None, reason: str = "error"
+                ) -> Optional[Tuple[List[Closing], Optional[Ejection]]]:
+        """Take back a checked-out connection.
+
+        :param reuse: the stream is intact; keep the connection unless it expired or its
+            instance is retired.  Otherwise it is closed (``reason``).
+        :param used: a call was answered on it (resets the instance's failure streak).
+        :param failure: the call failed in a way that counts against the instance.
+        :returns: ``None`` on the common path (kept, nothing to report); otherwise the
+            connections to close and the ejection to report.
+        """
+        now = _compat.monotonic()
+        ejection: Optional[Ejection] = None
+        with self.lock:
+            if conn not in inst.in_use:
+                # Not ours (any more): checked out before a fork and detached since.
+                return None
+            inst.in_use.discard(conn)
+            health = inst.health
+            if failure is not None:
+                ejection = health.call_failed(now, failure)
+                if ejection is not None:
+                    inst.healthy = health.serving
+                    self._note_ejection_locked(inst, ejection)
+            elif used and reuse and (health.errors or health.backoff.failures):
+                health.call_succeeded()
+            if not reuse or inst.retired or self.closed or now >= conn.expires_at:
+                if reuse:
+                    reason = ("pool_closed" if self.closed else
+                              "removed" if inst.retired else "expired")
+                inst.closing += 1
+                return [(inst, conn, reason)], ejection
+            conn.idle_since = now
+            inst.idle.append(conn)
+            if self.waiters and inst.healthy:
+                self._assign_locked(inst)
+        return None if ejection is None else ([], ejection)
+
+    def closed_conns(self, closing: Iterable[Closing]) -> None:
+        """The sockets of ``closing`` are closed: free their slots for waiters."""
+        touched: List[InstancePool] = []
+        with self.lock:
+            for inst, _conn, reason in closing:
+                if not reason:
+                    continue
+                inst.closing -= 1
+                inst.closed_total += 1
+                if inst not in touched:
+                    touched.append(inst)
+            if self.waiters:
+                for inst in touched:
+                    self._after_capacity_change_locked(inst)
+
+    # -- hand-offs ---------------------------------------------------------------------
+
+    def _push_idle_locked(self, inst: InstancePool, conn: "Connection") -> None:
+        """Put a connection on ``inst``'s idle stack at its place by ``idle_since`` (the
+        top for a fresh one; its old place for one coming back from the watchdog)."""
+        idle = inst.idle
+        if not idle or idle[-1].idle_since <= conn.idle_since:
+            idle.append(conn)
+            return
+        keys = [c.idle_since for c in idle]
+        idle.insert(bisect.bisect_right(keys, conn.idle_since), conn)
+
+    def _assign_locked(self, inst: InstancePool) -> None:
+        """Hand ``inst``'s idle connections, then its free slots, to waiters in order."""
+        waiters = self.waiters
+        while waiters and inst.healthy and not inst.retired and not self.closed:
+            if inst.idle:
+                conn = inst.idle.pop()
+                conn.uses += 1
+                inst.in_use.add(conn)
+                waiters.popleft()._give(inst, conn)
+            elif inst.can_open():
+                inst.opening += 1
+                waiters.popleft()._give(inst, None)
+            else:
+                return
+
+    def _after_capacity_change_locked(self, inst: InstancePool) -> None:
+        """A slot of ``inst`` was freed or its health changed: serve waiters from it, or,
+        when no instance can serve any more, send every waiter back to routing (which
+        probes or fails them within their own deadlines)."""
+        if not self.waiters:
+            return
+        if inst.healthy and not inst.retired:
+            self._assign_locked(inst)
+        elif not any(i.healthy and not i.retired for i in self.ring):
+            self._reroute_waiters_locked()
+
+    def _note_ejection_locked(self, inst: InstancePool, ejection: Ejection) -> None:
+        if self.waiters and not any(i.healthy and not i.retired for i in self.ring):
+            self._reroute_waiters_locked()
+
+    def _reroute_waiters_locked(self) -> None:
+        waiters = list(self.waiters)
+        self.waiters.clear()
+        for w in waiters:
+            w._fail(Reroute(self.name))
+
+    def assign_all(self) -> None:
+        """Serve waiters from every instance (after discovery or health changed)."""
+        with self.lock:
+            if not self.waiters:
+                return
+            for inst in self.ring:
+                if not self.waiters:
+                    break
+                if inst.healthy and not inst.retired:
+                    self._assign_locked(inst)
+            if self.waiters and not any(i.healthy and not i.retired for i in self.ring):
+                self._reroute_waiters_locked()
+
+    # -- health ------------------------------------------------------------------------
+
+    def eject(self, inst: InstancePool, error: Optional[BaseException], why: str) -> Ejection:
+        with self.lock:
+            ejection = inst.health.eject(_compat.monotonic(), error, why)
+            inst.healthy = inst.health.serving
+            self._note_ejection_locked(inst, ejection)
+            return ejection
+
+    def call_failed(self, inst: InstancePool, error: BaseException) -> Optional[Ejection]:
+        """A failure that counts against ``inst`` without a connection to check in (a
+        heartbeat's, already handled as a discard)."""
+        with self.lock:
+            ejection = inst.health.call_failed(_compat.monotonic(), error)
+            if ejection is not None:
+                inst.healthy = inst.health.serving
+                self._note_ejection_locked(inst, ejection)
+            return ejection
+
+    # -- discovery ---------------------------------------------------------------------
+
+    def apply(self, endpoints: Sequence[Endpoint]
+              ) -> Tuple[List[str], List[InstancePool], List[Closing]]:
+        """Apply a full snapshot as a diff.  Returns ``(added keys, removed instances,
+        idle connections of removed instances to close)``."""
+        wanted: Dict[Address, Endpoint] = {}
+        for endpoint in endpoints:
+            wanted.setdefault(endpoint.address, endpoint)
+        added: List[str] = []
+        removed: List[InstancePool] = []
+        closing: List[Closing] = []
+        with self.lock:
+            if self.closed:
+                return [], [], []
+            first = not self.discovered
+            self.discovered = True
+            instances = dict(self.instances)
+            for address in list(instances):
+                if address not in wanted:
+                    inst = instances.pop(address)
+                    inst.retired = True
+                    inst.healthy = False
+                    removed.append(inst)
+                    idle, inst.idle = inst.idle, []
+                    inst.closing += len(idle)
+                    closing.extend((inst, c, "removed") for c in idle)
+            for address, endpoint in wanted.items():
+                inst = instances.get(address)
+                if inst is None:
+                    instances[address] = InstancePool(endpoint, self.config)
+                    added.append(str(address))
+                else:
+                    inst.endpoint = endpoint
+                    inst.weight = endpoint.weight
+                    inst.tls = endpoint.tls
+            self.instances = instances
+            self.ring = tuple(instances[a] for a in wanted)
+            # Waiters may now be served by a new instance, or be left with none at all.
+            if self.waiters:
+                for inst in self.ring:
+                    if not self.waiters:
+                        break
+                    if inst.healthy:
+                        self._assign_locked(inst)
+                if self.waiters and not any(i.healthy for i in self.ring):
+                    self._reroute_waiters_locked()
+        if first:
+            self.first_answer.set()
+        return added, removed, closing
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def close(self) -> Tuple[List[Waiter], List[Closing]]:
+        """Mark closed; take every idle connection and every waiter out (idempotent)."""
+        with self.lock:
+            if self.closed:
+                return [], []
+            self.closed = True
+            closing: List[Closing] = []
+            for inst in self.instances.values():
+                inst.retired = True
+                idle, inst.idle = inst.idle, []
+                inst.closing += len(idle)
+                closing.extend((inst, c, "pool_closed") for c in idle)
+            waiters = list(self.waiters)
+            self.waiters.clear()
+            for w in waiters:
+                w._fail(PoolClosed(f"pool {self.name!r} is closed"))
+            # Checkouts still out hold their instance; their checkins close the sockets.
+            self.instances = {}
+            self.ring = ()
+        self.first_answer.set()  # wake checkouts waiting for discovery's first answer
+        return waiters, closing
+
+    def drop_everything(self) -> List["Connection"]:
+        """After fork or late patching: forget every connection (the caller detaches or
+        closes them), reset counts and waiters, keep instances and their health."""
+        conns: List["Connection"] = []
+        for inst in self.instances.values():
+            conns.extend(inst.idle)
+            conns.extend(inst.in_use)
+            conns.extend(inst.busy)
+            inst.idle = []
+            inst.in_use = set()
+            inst.busy = set()
+            inst.opening = 0
+            inst.closing = 0
+            inst.health.probe_abandoned()
+        self.waiters = deque()
+        return conns
+
+    def snapshot(self) -> Tuple[List[InstancePool], List[Dict[str, Any]], int]:
+        with self.lock:
+            instances = list(self.instances.values())
+            return instances, [i.stats_locked() for i in instances], len(self.waiters)
+
+    def counts(self) -> Dict[str, int]:
+        """Totals over every instance, read under the lock (for tests and invariants)."""
+        with self.lock:
+            insts = list(self.instances.values())
+            return {
+                "idle": sum(len(i.idle) for i in insts),
+                "in_use": sum(len(i.in_use) for i in insts),
+                "busy": sum(len(i.busy) for i in insts),
+                "opening": sum(i.opening for i in insts),
+                "closing": sum(i.closing for i in insts),
+                "waiting": len(self.waiters),
+            }

@@ -236,7 +236,7 @@ class Router:
         state = self.state
         started = _compat.monotonic()
         try:
-            conn = Connection.open(inst.address, self.config, inst.tls, timeout=timeout)
+            conn = state.connect(inst.address, self.config, inst.tls, timeout=timeout)
         except Exception as exc:
             # A connect cut short by this checkout's own deadline proves nothing about
             # the server: free the slot without ejecting the instance.

@@ -199,7 +199,7 @@ def _open(state: PoolState, inst: "InstancePool", to_open: int, probe: bool,
     try:
         while left:
             try:
-                conn = Connection.open(inst.address, config, inst.tls)
+                conn = state.connect(inst.address, config, inst.tls)
             except Exception as exc:
                 left -= 1
                 report_ejection(state, inst, state.open_failed(inst, exc, probe), events)

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from typing import (TYPE_CHECKING, Any, Deque, Dict, Iterable, List, Optional, Sequence, Set,
-                    Tuple)
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional,
+                    Sequence, Set, Tuple)
 
 from . import _compat
 from .address import Address, Endpoint
@@ -48,6 +48,12 @@ if TYPE_CHECKING:
     from .connection import Connection
 
 __all__ = ["Grant", "PoolState", "Reroute", "Waiter"]
+
+
+def _open_connection(*args: Any, **kwargs: Any) -> "Connection":
+    from .connection import Connection
+
+    return Connection.open(*args, **kwargs)
 
 
 class Reroute(ThriftPoolError):
@@ -125,6 +131,8 @@ class PoolState:
         self.closed = False
         self.discovered = False    # discovery delivered its first list
         self.first_answer = _compat.Event()
+        # How connections are opened: Connection.open; the socket-free tests swap it.
+        self.connect: Callable[..., "Connection"] = _open_connection
 
     def renew_primitives(self) -> None:
         """After fork or late gevent patching: fresh lock and event (nobody holds them)."""

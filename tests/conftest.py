@@ -37,9 +37,14 @@ def no_thread_leak() -> Iterator[None]:
 
 
 @pytest.fixture
-def make_pool():
-    """Builds ``ThriftPool``s (``make_pool(addresses, **options)``); closes them all at teardown."""
+def make_pool(request):
+    """Builds ``ThriftPool``s (``make_pool(addresses, **options)``); closes them all at teardown.
+
+    In a test marked ``consistent`` (every chaos, leak and failure test), each pool still
+    open at the end must pass :func:`consistency.assert_consistent` first.
+    """
     import thriftpool
+    from consistency import assert_consistent
 
     pools = []
 
@@ -49,8 +54,13 @@ def make_pool():
         pools.append(p)
         return p
 
+    check = request.node.get_closest_marker("consistent") is not None
     try:
         yield make
+        if check:
+            for p in pools:
+                if not p.closed:
+                    assert_consistent(p)
     finally:
         for p in pools:
             p.close()

@@ -127,6 +127,66 @@ def scenario_exhausted(args: dict) -> dict:
             "live_greenlets": live_greenlets()}
 
 
+def scenario_interrupt(args: dict) -> dict:
+    """gevent.Timeout while waiting and in a listener; then a full round must succeed."""
+    class Listener(thriftpool.PoolListener):
+        armed = 0
+
+        def checkout(self, pool, address, waited):
+            if self.armed:
+                self.armed -= 1
+                raise gevent.Timeout()
+
+    listener = Listener()
+    pool = thriftpool.ThriftPool(echo_thrift.Echo, args["addresses"][:1], min_size=0,
+                                 max_size=2, checkout_timeout=10.0, listeners=[listener])
+    holding = gevent.event.Event()
+    release = gevent.event.Event()
+
+    def holder() -> None:
+        with pool.checkout():
+            holding.set()
+            release.wait(10)
+
+    holds = [gevent.spawn(holder) for _ in range(2)]
+    holding.wait(5)
+    gevent.sleep(0.05)
+    timeouts = 0
+    for _ in range(args["interrupts"]):
+        try:
+            with gevent.Timeout(0.02):
+                with pool.checkout():
+                    pass
+        except gevent.Timeout:
+            timeouts += 1
+    during = pool.stats()
+    release.set()
+    gevent.joinall(holds, timeout=5)
+    listener.armed = 5
+    listener_timeouts = 0
+    for _ in range(5):
+        try:
+            with pool.checkout():
+                pass
+        except gevent.Timeout:
+            listener_timeouts += 1
+    results = {"ok": 0}
+
+    def worker() -> None:
+        for i in range(10):
+            with pool.checkout() as client:
+                assert client.echo(str(i)) == str(i)
+        results["ok"] += 1
+
+    gevent.joinall([gevent.spawn(worker) for _ in range(50)], timeout=30)
+    after = pool.stats()
+    pool.close()
+    return {"timeouts": timeouts, "listener_timeouts": listener_timeouts,
+            "waiting_during": during["waiting"], "in_use_during": during["in_use"],
+            "ok": results["ok"], "in_use": after["in_use"], "waiting": after["waiting"],
+            "size": after["size"], "opening": after["opening"]}
+
+
 def main() -> None:
     scenario = globals()["scenario_" + sys.argv[1]]
     args = json.loads(sys.argv[2])

@@ -18,7 +18,8 @@ from thriftpy2.transport import TTransportException
 from thriftpool import NoAvailableInstance
 from servers import start_servers, wait_for
 
-pytestmark = pytest.mark.usefixtures("no_thread_leak")
+#: Every pool these tests build must end consistent (tests/consistency.py).
+pytestmark = [pytest.mark.usefixtures("no_thread_leak"), pytest.mark.consistent]
 
 TRANSPORT_ERRORS = (TTransportException, OSError)
 MAX_SIZE = 8

@@ -24,7 +24,8 @@ from thriftpy2.transport.socket import TSocket
 import thriftpool
 from servers import echo_thrift, free_port, wait_for
 
-pytestmark = pytest.mark.usefixtures("no_thread_leak")
+#: Every pool these tests build must end consistent (tests/consistency.py).
+pytestmark = [pytest.mark.usefixtures("no_thread_leak"), pytest.mark.consistent]
 
 
 def instance_stats(pool, server):

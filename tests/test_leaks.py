@@ -17,7 +17,8 @@ from thriftpy2.transport import TTransportException
 import thriftpool
 from servers import echo_thrift, wait_for
 
-pytestmark = pytest.mark.usefixtures("no_thread_leak")
+#: Every pool these tests build must end consistent (tests/consistency.py).
+pytestmark = [pytest.mark.usefixtures("no_thread_leak"), pytest.mark.consistent]
 
 
 class CallerBug(Exception):

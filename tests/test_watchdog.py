@@ -244,3 +244,30 @@ def test_reconnect_attempts_back_off_exponentially(make_pool, caplog):
         assert expected * 0.9 <= gap < expected + 1.0, gaps
     assert gaps[2] > gaps[0]
     assert pool.stats()["instances"][address]["healthy"] is False
+
+
+@pytest.mark.timeout(20)
+def test_watchdog_survives_a_base_exception_from_a_listener(farm, make_pool, caplog):
+    """A listener raising SystemExit on the watchdog thread (a background connect's
+    connection_opened) is logged once with its traceback; the thread goes on, and one
+    instance's failure does not stop the pass over the others."""
+    class Exiting(thriftpool.PoolListener):
+        raised = 0
+
+        def connection_opened(self, pool, address):
+            if threading.current_thread().name.endswith("-watchdog") and self.raised < 3:
+                self.raised += 1
+                raise SystemExit("listener")
+
+    listener = Exiting()
+    a, b = farm.start(2)
+    pool = make_pool([a.address, b.address], min_size=2, watchdog_interval=0.02,
+                     listeners=[listener])
+    wait_for(lambda: a.open_connections() == 2 and b.open_connections() == 2, 10,
+             message="both filled despite the failures")
+    assert listener.raised == 3
+    assert pool.stats()["watchdog_alive"] is True
+    logged = [r for r in caplog.records if "maintenance pass failed" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info is not None
+    s = pool.stats()
+    assert all(i["opening"] == 0 and i["size"] == 2 for i in s["instances"].values()), s

@@ -341,7 +341,9 @@ class ThriftPool:
                 check_idle(state, inst, self._events)
                 p: Plan = plan(state, inst, now, demand)
                 run(state, p, self._events, self._heartbeat)
-            except Exception as exc:
+            except BaseException as exc:  # noqa: B036 - the other instances still get a pass
+                if type(exc).__name__ == "GreenletExit":
+                    raise
                 failure = failure or exc
                 logger.debug("pool %r: maintenance of %s failed: %s", self.name, inst.key, exc)
         if failure is not None:

@@ -433,19 +433,22 @@ def test_serverset_members_are_read_and_only_alive_ones_serve(zk, farm, caplog):
 
 
 @pytest.mark.timeout(30)
-def test_missing_path_is_created_or_waited_for(zk, farm):
+def test_missing_path_is_waited_for_or_created_when_asked(zk, farm):
     server = farm.one()
     admin = zk.client()
-    pool = make_pool(zk, discovery(zk, path="/made/by/discovery"))
-    wait_for(lambda: admin.exists("/made/by/discovery"), 5, message="the path created")
-    register(zk, server, path="/made/by/discovery")
-    wait_for(lambda: instances(pool) == [server.address], 2)
-
-    waiting = make_pool(zk, discovery(zk, path="/not/yet", create_path=False), name="w")
-    time.sleep(0.3)
+    disc = discovery(zk, path="/not/yet")
+    waiting = make_pool(zk, disc, name="w")
+    # A successful read of a missing path: an empty list, and nothing created.
+    wait_for(lambda: disc.stats()["source"] == "zookeeper", 5, message="the first read")
+    assert disc.stats()["instances"] == 0 and disc.stats()["children"] == 0
     assert admin.exists("/not/yet") is None and instances(waiting) == []
     register(zk, server, path="/not/yet")  # creates the path: the exists watch fires
     wait_for(lambda: instances(waiting) == [server.address], 2)
+
+    pool = make_pool(zk, discovery(zk, path="/made/by/discovery", create_path=True))
+    wait_for(lambda: admin.exists("/made/by/discovery"), 5, message="the path created")
+    register(zk, server, path="/made/by/discovery")
+    wait_for(lambda: instances(pool) == [server.address], 2)
 
 
 @pytest.mark.timeout(30)

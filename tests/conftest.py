@@ -69,6 +69,9 @@ def make_pool(request):
 from zkharness import pytest_zkharness_mark_items, zk, zk_ensemble  # noqa: E402,F401
 from zkharness import zk_private, zk_server  # noqa: E402,F401
 
+# A real DNS server (tests/dnsharness.py): the fixture, and the hook marking its tests.
+from dnsharness import dns_server, pytest_dnsharness_mark_items  # noqa: E402,F401
+
 
 @pytest.fixture
 def fault_proxy():
@@ -99,13 +102,17 @@ def connect_log(monkeypatch):
     return ConnectLog().install(monkeypatch)
 
 
+#: Markers of tests whose dependency CI must have: their skips fail there.
+CI_REQUIRED_MARKERS = ("zookeeper", "gevent", "dns")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """In CI (``CI`` set), a ZooKeeper or gevent test that skips fails instead: a missing
-    dependency must never pass silently."""
+    """In CI (``CI`` set), a ZooKeeper, DNS or gevent test that skips fails instead: a
+    missing dependency must never pass silently."""
     outcome = yield
     report = outcome.get_result()
     if (report.skipped and os.environ.get("CI")
-            and ("zookeeper" in item.keywords or "gevent" in item.keywords)):
+            and any(marker in item.keywords for marker in CI_REQUIRED_MARKERS)):
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} skipped in CI; its dependency is missing"

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import pytest
 from kazoo.exceptions import NoAuthError
-from kazoo.security import make_acl, make_digest_acl
+from kazoo.security import OPEN_ACL_UNSAFE, make_acl, make_digest_acl
 from thriftpy2.thrift import TApplicationException
 
 import thriftpool
@@ -253,11 +253,15 @@ def test_digest_acl_protects_the_registration(zk, farm, caplog):
             client.set(reg.node_path, b'{"host": "10.6.6.6", "port": 666}')
         with pytest.raises(NoAuthError):  # no rogue instance beside it
             client.create(f"{path}/10.6.6.6:666", b'{"host": "10.6.6.6", "port": 666}')
-        with pytest.raises(NoAuthError):  # nor a rogue service path beside it
-            client.create("/protected/rogue")
         with pytest.raises(NoAuthError):
             client.set_acls(path, [make_acl("world", "anyone", all=True)])
     assert anonymous.exists(reg.node_path).owner_session_id == reg.session_id
+    owner = zk.client(auth_data=[("digest", "svc:s3cret")])  # sees the digests
+    assert set(owner.get_acls(reg.node_path)[0]) == set(acl)
+    assert set(owner.get_acls(path)[0]) == set(acl)
+    # The shared parent keeps the open ACL: another service can create its path there.
+    assert anonymous.get_acls("/protected")[0] == list(OPEN_ACL_UNSAFE)
+    anonymous.create("/protected/other-service")
     assert anonymous.get_children(path) == [f"127.0.0.1:{server.port}"]
 
     # A registration with the wrong password cannot register there either.
@@ -433,19 +437,22 @@ def test_serverset_members_are_read_and_only_alive_ones_serve(zk, farm, caplog):
 
 
 @pytest.mark.timeout(30)
-def test_missing_path_is_created_or_waited_for(zk, farm):
+def test_missing_path_is_waited_for_or_created_when_asked(zk, farm):
     server = farm.one()
     admin = zk.client()
-    pool = make_pool(zk, discovery(zk, path="/made/by/discovery"))
-    wait_for(lambda: admin.exists("/made/by/discovery"), 5, message="the path created")
-    register(zk, server, path="/made/by/discovery")
-    wait_for(lambda: instances(pool) == [server.address], 2)
-
-    waiting = make_pool(zk, discovery(zk, path="/not/yet", create_path=False), name="w")
-    time.sleep(0.3)
+    disc = discovery(zk, path="/not/yet")
+    waiting = make_pool(zk, disc, name="w")
+    # A successful read of a missing path: an empty list, and nothing created.
+    wait_for(lambda: disc.stats()["source"] == "zookeeper", 5, message="the first read")
+    assert disc.stats()["instances"] == 0 and disc.stats()["children"] == 0
     assert admin.exists("/not/yet") is None and instances(waiting) == []
     register(zk, server, path="/not/yet")  # creates the path: the exists watch fires
     wait_for(lambda: instances(waiting) == [server.address], 2)
+
+    pool = make_pool(zk, discovery(zk, path="/made/by/discovery", create_path=True))
+    wait_for(lambda: admin.exists("/made/by/discovery"), 5, message="the path created")
+    register(zk, server, path="/made/by/discovery")
+    wait_for(lambda: instances(pool) == [server.address], 2)
 
 
 @pytest.mark.timeout(30)

@@ -12,10 +12,16 @@
 
 from __future__ import annotations
 
-from .address import Address, Endpoint, parse_address
+from .address import Address, Endpoint, Metadata, parse_address
 from .balancer import Balancer, LeastLoaded, RandomBalancer, RoundRobin
 from .config import PoolConfig
-from .discovery import Discovery, DiscoveryListener, StaticDiscovery, ZooKeeperDiscovery
+from .discovery import (
+    Discovery,
+    DiscoveryListener,
+    DnsDiscovery,
+    StaticDiscovery,
+    ZooKeeperDiscovery,
+)
 from .errors import (
     ClientReleased,
     NoAvailableInstance,
@@ -39,8 +45,10 @@ __all__ = [
     "ClientReleased",
     "Discovery",
     "DiscoveryListener",
+    "DnsDiscovery",
     "Endpoint",
     "LeastLoaded",
+    "Metadata",
     "ExhaustedCallback",
     "ExhaustedEvent",
     "NoAvailableInstance",

@@ -27,7 +27,7 @@ from kazoo.retry import KazooRetry
 from kazoo.security import ACL
 
 from . import _compat
-from .address import Address, Endpoint, parse_address
+from .address import Address, Endpoint, host_problem, parse_address, weight_problem
 
 __all__ = [
     "RETRY_INITIAL",
@@ -43,6 +43,7 @@ __all__ = [
     "check_seconds",
     "client_gave_up",
     "close_client",
+    "FORMATS",
     "encode_record",
     "is_transient",
     "make_client",
@@ -388,81 +389,168 @@ def encode_record(host: str, port: int, weight: int,
 def _port(value: Any) -> Optional[int]:
     if isinstance(value, bool):
         return None
-    if isinstance(value, str) and value.isdigit():
+    if isinstance(value, str) and value.isdigit() and len(value) <= 5:
         value = int(value)
     if isinstance(value, int) and 0 < value < 65536:
         return value
     return None
 
 
-def _host(value: Any) -> Optional[str]:
-    if isinstance(value, str) and value.strip() and not any(c.isspace() for c in value):
-        return value
-    return None
+def _short(value: Any, limit: int = 60) -> str:
+    """A bounded repr for log lines: a node's data can be a megabyte."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
-def _endpoint_from(doc: Mapping[str, Any], what: str) -> Tuple[Optional[Endpoint], str]:
-    host = _host(doc.get("host"))
-    port = _port(doc.get("port"))
-    if host is None:
-        return None, f"{what} has no valid 'host' ({doc.get('host')!r})"
+def _address(host: Any, port: Any, what: str) -> Tuple[Optional[Address], str]:
+    problem = host_problem(host)
+    if problem is not None:
+        return None, f"{what}: {problem}"
+    number = _port(port)
+    if number is None:
+        return None, f"{what} has no valid port ({_short(port)})"
+    return Address(host, number), ""
+
+
+def _endpoint(address: Address, weight: Any, tls: Any, metadata: Mapping[str, Any],
+              what: str) -> Tuple[Optional[Endpoint], str]:
+    problem = weight_problem(weight)
+    if problem is not None:
+        return None, f"{what}: {problem}"
+    if not isinstance(tls, bool):
+        return None, f"{what}: 'tls' is not true or false ({_short(tls)})"
+    try:
+        return Endpoint(address, weight, tls, metadata), ""
+    except ValueError as exc:  # metadata of a kind JSON cannot even produce
+        return None, f"{what}: {exc}"
+
+
+#: Record formats, as ``parse_record`` reports them in ``Endpoint.metadata["format"]``.
+FORMATS = ("thriftpool", "serverset", "curator", "name")
+
+# The keys of a thriftpool record that are the endpoint itself, not metadata.
+_THRIFTPOOL_KEYS = frozenset({"host", "port", "weight", "tls"})
+# The keys of a Curator ServiceInstance that are the endpoint itself.
+_CURATOR_KEYS = frozenset({"address", "port", "sslPort"})
+
+
+def _serverset(doc: Mapping[str, Any], endpoint_name: Optional[str]
+               ) -> Tuple[Optional[Endpoint], Optional[str]]:
+    # Finagle/Aurora: {"serviceEndpoint": {"host", "port"}, "additionalEndpoints":
+    # {"name": {"host", "port"}}, "status": "ALIVE", "shard": 0}
+    status = doc.get("status")
+    if not isinstance(status, str):
+        return None, "its ServerSet member has no 'status'"
+    if endpoint_name is None:
+        where, what = doc.get("serviceEndpoint"), "its ServerSet 'serviceEndpoint'"
+    else:
+        extra = doc.get("additionalEndpoints")
+        if not isinstance(extra, dict) or endpoint_name not in extra:
+            return None, f"its ServerSet member has no additional endpoint {endpoint_name!r}"
+        where = extra[endpoint_name]
+        what = f"its ServerSet additional endpoint {endpoint_name!r}"
+    if not isinstance(where, dict):
+        return None, f"{what} is not an object"
+    address, problem = _address(where.get("host"), where.get("port"), what)
+    if address is None:
+        return None, problem
+    shard = doc.get("shard")
+    if shard is not None and (isinstance(shard, bool) or not isinstance(shard, int)):
+        return None, f"its ServerSet 'shard' is not an integer ({_short(shard)})"
+    if status != "ALIVE":
+        # A member that is STARTING, STOPPING, DEAD... is known, not broken.
+        return None, None
+    metadata: Dict[str, Any] = {"format": "serverset", "status": status}
+    if shard is not None:
+        metadata["shard"] = shard
+    if endpoint_name is not None:
+        metadata["endpoint"] = endpoint_name
+    endpoint, problem = _endpoint(address, 1, False, metadata, "its ServerSet member")
+    return endpoint, (problem or None)
+
+
+def _curator(doc: Mapping[str, Any]) -> Tuple[Optional[Endpoint], Optional[str]]:
+    # Apache Curator's ServiceInstance (curator-x-discovery, Spring Cloud Zookeeper):
+    # {"name", "id", "address", "port", "sslPort", "payload", "registrationTimeUTC",
+    #  "serviceType", "uriSpec"} (Curator 5 adds "enabled").
+    if doc.get("enabled", True) is False:
+        return None, None  # disabled by its owner: known, not broken
+    port, tls = doc.get("port"), False
     if port is None:
-        return None, f"{what} has no valid 'port' ({doc.get('port')!r})"
-    return Endpoint(Address(host, port)), ""
+        port, tls = doc.get("sslPort"), True
+        if port is None:
+            return None, "its Curator ServiceInstance has neither 'port' nor 'sslPort'"
+    address, problem = _address(doc.get("address"), port, "its Curator ServiceInstance")
+    if address is None:
+        return None, problem
+    metadata = {k: v for k, v in doc.items() if k not in _CURATOR_KEYS}
+    if not tls and doc.get("sslPort") is not None:
+        metadata["sslPort"] = doc["sslPort"]
+    metadata["format"] = "curator"
+    endpoint, problem = _endpoint(address, 1, tls, metadata, "its Curator ServiceInstance")
+    return endpoint, (problem or None)
 
 
-def parse_record(name: str, data: Optional[bytes]) -> Tuple[Optional[Endpoint], Optional[str]]:
-    """Read one child of a service path.
+def _thriftpool(doc: Mapping[str, Any]) -> Tuple[Optional[Endpoint], Optional[str]]:
+    address, problem = _address(doc.get("host"), doc.get("port"), "its data")
+    if address is None:
+        return None, problem
+    weight = doc.get("weight", 1)
+    metadata = {k: v for k, v in doc.items() if k not in _THRIFTPOOL_KEYS}
+    metadata["format"] = "thriftpool"
+    endpoint, problem = _endpoint(address, 1 if weight is None else weight,
+                                  doc.get("tls", False), metadata, "its data")
+    return endpoint, (problem or None)
 
-    Accepted: thriftpool's JSON ``{"host": str, "port": int, "weight": int}`` (weight
-    optional, >= 1); the Finagle/Aurora ServerSet member JSON (``serviceEndpoint`` with
-    ``host`` and ``port``, and ``status``: only ``ALIVE`` members serve); and, when the
-    data is empty or unusable, a node *name* of the form ``host:port``.
 
-    :returns: ``(endpoint, None)`` for a usable child, ``(None, None)`` for a ServerSet
-        member that is not ``ALIVE`` (not an error), and ``(endpoint or None, problem)``
-        when the data is unusable: an endpoint taken from the name, or ``None`` when the
+def parse_record(name: str, data: Optional[bytes], endpoint: Optional[str] = None
+                 ) -> Tuple[Optional[Endpoint], Optional[str]]:
+    """Read one child of a service path; the format is detected per node.
+
+    Accepted:
+
+    - thriftpool's JSON ``{"host": str, "port": int, "weight": int, "tls": bool, ...}``
+      (weight optional, an integer in 1..1,000,000); the other keys become metadata;
+    - a Finagle/Aurora ServerSet member (``serviceEndpoint``, ``additionalEndpoints``,
+      ``status``, ``shard``): only ``ALIVE`` members serve; with ``endpoint="name"`` the
+      additional endpoint of that name is used instead of ``serviceEndpoint``; ``shard``
+      and ``status`` become metadata;
+    - an Apache Curator ``ServiceInstance`` (``address`` with ``port``, or with only
+      ``sslPort``, which means TLS); ``id``, ``name``, ``payload`` and the rest become
+      metadata; a Curator 5 instance with ``"enabled": false`` does not serve;
+    - when the data is empty or unusable, a node *name* of the form ``host:port``.
+
+    Every endpoint's metadata has ``"format"``: one of :data:`FORMATS`.
+
+    :returns: ``(endpoint, None)`` for a usable child, ``(None, None)`` for a member that
+        says it does not serve (not an error), and ``(endpoint or None, problem)`` when
+        the data is unusable: an endpoint taken from the name, or ``None`` when the
         child must be skipped.
     """
-    problem: str
+    problem: Optional[str]
     if not data:
         problem = "the node has no data"
     else:
         try:
             doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             problem = "its data is not JSON"
         else:
             if not isinstance(doc, dict):
                 problem = "its data is not a JSON object"
-            elif "serviceEndpoint" in doc:
-                service = doc.get("serviceEndpoint")
-                status = doc.get("status")
-                if not isinstance(service, dict):
-                    problem = "its ServerSet 'serviceEndpoint' is not an object"
-                elif not isinstance(status, str):
-                    problem = "its ServerSet member has no 'status'"
-                else:
-                    endpoint, problem = _endpoint_from(service, "its 'serviceEndpoint'")
-                    if endpoint is not None:
-                        # A member that is STARTING, STOPPING, DEAD... is known, not broken.
-                        return (endpoint, None) if status == "ALIVE" else (None, None)
             else:
-                endpoint, problem = _endpoint_from(doc, "its data")
-                if endpoint is not None:
-                    weight = doc.get("weight", 1)
-                    if weight is None:
-                        weight = 1
-                    tls = doc.get("tls", False)
-                    if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
-                        problem = f"its 'weight' is not an integer >= 1 ({weight!r})"
-                    elif not isinstance(tls, bool):
-                        problem = f"its 'tls' is not true or false ({tls!r})"
-                    else:
-                        return Endpoint(endpoint.address, weight, tls), None
+                if "serviceEndpoint" in doc or "additionalEndpoints" in doc:
+                    result, problem = _serverset(doc, endpoint)
+                elif "address" in doc and ("port" in doc or "sslPort" in doc):
+                    result, problem = _curator(doc)
+                else:
+                    result, problem = _thriftpool(doc)
+                if problem is None:
+                    return result, None
     try:
         address = parse_address(name, "node name")
     except ValueError:
         return None, f"{problem}, and its name is not 'host:port'; skipped"
+    result = Endpoint(address, metadata={"format": "name"})
     # A bare "host:port" name with no data is a format of its own: nothing to report.
-    return Endpoint(address), (f"{problem}; using its name" if data else None)
+    return result, (f"{problem}; using its name" if data else None)

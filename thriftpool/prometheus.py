@@ -14,12 +14,19 @@ Counters: ``thriftpool_connections_opened_total{pool,instance}``,
 ``thriftpool_checkouts_exhausted_total{pool,instance}``,
 ``thriftpool_instance_ejections_total{pool,instance}``.
 Histogram: ``thriftpool_checkout_wait_seconds{pool}``.
+
+When discovery removes an instance, every series labelled with it is removed too, so a
+fleet whose addresses churn (Kubernetes pods) does not grow the metrics forever; the
+connections of a removed instance that close after its removal are not counted.  An
+instance that comes back starts its counters from zero.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Tuple
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Set, Tuple
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -30,6 +37,10 @@ if TYPE_CHECKING:
     from .pool import ThriftPool
 
 __all__ = ["PrometheusExporter"]
+
+#: How many removed instances are remembered, so that events arriving after the removal
+#: (the close of a connection that was in use) do not make their series again.
+_REMEMBER_REMOVED = 4096
 
 _WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -97,6 +108,13 @@ class PrometheusExporter(PoolListener):
                                buckets=_WAIT_BUCKETS, registry=registry)
         self._wait_children: Dict[str, Any] = {}
         self._opened_children: Dict[Tuple[str, str], Any] = {}
+        # Guards the maps below and the removal of label sets (no I/O under it).
+        self._lock = threading.Lock()
+        # (pool, instance) -> the close reasons it has series for.
+        self._reasons: Dict[Tuple[str, str], Set[str]] = {}
+        # Instances removed by discovery, oldest first: late events about them make no
+        # new series.  Bounded, or churning addresses would grow it instead.
+        self._removed: "OrderedDict[Tuple[str, str], None]" = OrderedDict()
         self._collector = _PoolCollector(namespace)
         registry.register(self._collector)  # type: ignore[arg-type]
 
@@ -104,13 +122,23 @@ class PrometheusExporter(PoolListener):
         self._collector.add(pool)
 
     def connection_opened(self, pool: str, address: str) -> None:
-        child = self._opened_children.get((pool, address))
-        if child is None:
-            child = self._opened_children[(pool, address)] = self._opened.labels(pool, address)
+        key = (pool, address)
+        with self._lock:
+            if key in self._removed:
+                return
+            child = self._opened_children.get(key)
+            if child is None:
+                child = self._opened_children[key] = self._opened.labels(pool, address)
         child.inc()
 
     def connection_closed(self, pool: str, address: str, reason: str) -> None:
-        self._closed.labels(pool, address, reason).inc()
+        key = (pool, address)
+        with self._lock:
+            if key in self._removed:
+                return
+            self._reasons.setdefault(key, set()).add(reason)
+            child = self._closed.labels(pool, address, reason)
+        child.inc()
 
     def checkout(self, pool: str, address: str, waited: float) -> None:
         child = self._wait_children.get(pool)
@@ -119,7 +147,41 @@ class PrometheusExporter(PoolListener):
         child.observe(waited)
 
     def exhausted(self, pool: str, event: ExhaustedEvent) -> None:
-        self._exhausted.labels(pool, event.address).inc()
+        with self._lock:
+            if (pool, event.address) in self._removed:
+                return
+            child = self._exhausted.labels(pool, event.address)
+        child.inc()
 
     def instance_ejected(self, pool: str, address: str, reason: str, retry_in: float) -> None:
-        self._ejected.labels(pool, address).inc()
+        with self._lock:
+            if (pool, address) in self._removed:
+                return
+            child = self._ejected.labels(pool, address)
+        child.inc()
+
+    def instance_added(self, pool: str, address: str) -> None:
+        with self._lock:
+            self._removed.pop((pool, address), None)
+
+    def instance_removed(self, pool: str, address: str) -> None:
+        """Drop every series of the removed instance (see the module docstring)."""
+        key = (pool, address)
+        with self._lock:
+            self._removed[key] = None
+            self._removed.move_to_end(key)
+            while len(self._removed) > _REMEMBER_REMOVED:
+                self._removed.popitem(last=False)
+            self._opened_children.pop(key, None)
+            reasons = self._reasons.pop(key, set())
+            for metric in (self._opened, self._exhausted, self._ejected):
+                _remove(metric, pool, address)
+            for reason in reasons:
+                _remove(self._closed, pool, address, reason)
+
+
+def _remove(metric: Any, *labels: str) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:
+        pass  # never had that series

@@ -46,7 +46,7 @@ from ._zookeeper import (
     encode_record,
     make_client,
 )
-from .address import Address
+from .address import Address, host_problem, weight_problem
 from .config import PROTOCOLS, TRANSPORTS
 from .errors import ThriftPoolError
 
@@ -82,8 +82,8 @@ class ServiceRegistration:
             server.serve()
 
     The node is ephemeral and holds ``{"host": host, "port": port, "weight": weight}``
-    (plus ``metadata``) as JSON.  ``path`` and its missing parents are created with
-    ``acl``.  The node is kept in place by a background worker:
+    (plus ``metadata``) as JSON.  ``path`` is created when it is missing, with its
+    missing parents.  The node is kept in place by a background worker:
 
     - after the session expired and a new one was established, the node is created
       again with the same data;
@@ -105,13 +105,17 @@ class ServiceRegistration:
     :param path: the service path (shared by every instance of the service).
     :param host: the host clients connect to (announced, not bound).
     :param port: the port clients connect to.
-    :param weight: relative share of traffic, an integer >= 1.
+    :param weight: relative share of traffic, an integer in 1..1,000,000.
     :param auth_data: credentials sent on every connection, e.g.
         ``[("digest", "user:password")]``.
-    :param acl: kazoo ACL objects for the node, ``path`` and its missing parents, e.g.
+    :param acl: kazoo ACL objects for the nodes this registration creates for its
+        service: its own node, and ``path`` when it is missing, e.g.
         ``[make_digest_acl("svc", "secret", all=True),
         make_acl("world", "anyone", read=True)]``: only the service's credentials can
-        then create or delete nodes under ``path``, while anyone can discover it.  When
+        then create or delete nodes under ``path``, while anyone can discover it.  The
+        missing parents of ``path`` (``/services`` for ``/services/echo``) are shared
+        with other services, so they get ZooKeeper's open ACL (kazoo's default), never
+        this one: another service must still be able to create its path there.  When
         ``path`` already exists with another ACL, a warning says so (ZooKeeper checks
         create and delete rights on the parent).
     :param node_name: the node's name (default ``"host:port"``).
@@ -153,8 +157,12 @@ class ServiceRegistration:
             raise ValueError(f"host must be a host name or IP address, got {host!r}")
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"port must be an integer in 1-65535, got {port!r}")
-        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
-            raise ValueError(f"weight must be an integer >= 1, got {weight!r}")
+        problem = weight_problem(weight)
+        if problem is not None:
+            raise ValueError(f"weight: {problem}")
+        problem = host_problem(host)
+        if problem is not None:
+            raise ValueError(f"host: {problem}")
         self.host = host
         self.port = port
         self.weight = weight
@@ -436,7 +444,7 @@ class ServiceRegistration:
         self._sessions.add(session)
         timeout = self.session_timeout
         if self._path_checked != session:
-            client.ensure_path_async(self.path, acl=self._acl).get(timeout=timeout)
+            self._ensure_service_path(client, timeout)
             self._check_path_acl(client, timeout)
             self._path_checked = session
         if deleted and self._registered and not self._stopping:
@@ -447,10 +455,15 @@ class ServiceRegistration:
                 return None
             created = False
             try:
+                # Not makepath: kazoo would give the missing parents our ACL.
                 client.create_async(self.node_path, self.data, acl=self._acl,
-                                    ephemeral=True, makepath=True).get(timeout=timeout)
+                                    ephemeral=True).get(timeout=timeout)
                 created = True
                 self.registrations += 1
+            except NoNodeError:
+                # Someone deleted the service path since we made sure of it.
+                self._ensure_service_path(client, timeout)
+                continue
             except NodeExistsError:
                 try:
                     data, stat = client.get_async(self.node_path).get(timeout=timeout)
@@ -523,6 +536,21 @@ class ServiceRegistration:
                          "not overwriting it (is another server registered under this "
                          "name?); taking it over when it goes away", self.node_path,
                          _owner_text(owner))
+
+    def _ensure_service_path(self, client: KazooClient, timeout: float) -> None:
+        """Create ``path`` with our ACL if missing, and its missing parents with the
+        open ACL: they are shared with other services (see the ``acl`` option)."""
+        if self.path == "/":
+            return
+        if client.exists_async(self.path).get(timeout=timeout) is not None:
+            return
+        parent = self.path.rsplit("/", 1)[0] or "/"
+        if parent != "/":
+            client.ensure_path_async(parent).get(timeout=timeout)
+        try:
+            client.create_async(self.path, b"", acl=self._acl).get(timeout=timeout)
+        except NodeExistsError:
+            pass  # another instance of the service made it meanwhile
 
     def _check_path_acl(self, client: KazooClient, timeout: float) -> None:
         if self._acl is None or self._acl_warned:

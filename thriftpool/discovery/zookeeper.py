@@ -14,6 +14,7 @@ order, one at a time, with no lock held.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -39,6 +40,13 @@ from .._zookeeper import (
     parse_record,
 )
 from ..address import Endpoint
+from ._delivery import (
+    EndpointFilter,
+    Publisher,
+    check_filter,
+    check_fraction,
+    check_snapshot_path,
+)
 from .base import Discovery, DiscoveryListener
 
 __all__ = ["ZooKeeperDiscovery"]
@@ -52,6 +60,11 @@ _SUPERVISE_INTERVAL = 5.0
 _UNREADABLE = b"\x00unreadable"
 
 
+def _digest(data: Optional[bytes]) -> bytes:
+    # The warned-about map keeps a digest, not the data: a node may hold a megabyte.
+    return hashlib.sha1(data or b"").digest()
+
+
 class ZooKeeperDiscovery(Discovery):
     """Follow the instances registered under ``path`` in ZooKeeper.
 
@@ -60,27 +73,45 @@ class ZooKeeperDiscovery(Discovery):
         pool = thriftpool.ThriftPool(echo.Echo, discovery=thriftpool.ZooKeeperDiscovery(
             hosts="zk1:2181,zk2:2181,zk3:2181", path="/services/echo"))
 
-    Each child of ``path`` is one instance.  Its data is read as thriftpool's JSON
-    ``{"host": str, "port": int, "weight": int}`` (weight optional) or as a Finagle/Aurora
-    ServerSet member (``serviceEndpoint`` and ``status``; only ``ALIVE`` members serve);
-    a child whose data is unusable but whose name is ``host:port`` is used by its name;
-    any other child is skipped, with one warning per child (not one per change).  Each
-    child is read once and then cached until ZooKeeper reports that it changed, so a path
-    with thousands of children costs one read per changed child.
+    Each child of ``path`` is one instance.  Its format is detected per node:
+    thriftpool's JSON ``{"host": str, "port": int, "weight": int, "tls": bool}`` (weight
+    optional), a Finagle/Aurora ServerSet member (``serviceEndpoint``,
+    ``additionalEndpoints``, ``shard``, ``status``: only ``ALIVE`` members serve), an
+    Apache Curator ``ServiceInstance`` (``address`` and ``port``, or ``sslPort`` meaning
+    TLS; point ``path`` at Curator's ``<base>/<service>``), or a ``host:port`` node name.
+    What the record says besides the address is the endpoint's ``metadata`` (with
+    ``"format"``), which ``filter`` can select on.  A child that is unusable (no valid
+    host, a port outside 1-65535, a weight that is not an integer in 1..1,000,000, data
+    that is not JSON...) is skipped, with one warning per child naming its node (not one
+    per change); the other children still serve.  Each child is read once and then
+    cached until ZooKeeper reports that it changed, so a path with thousands of children
+    costs one read per changed child.
 
     Behaviour:
 
     - :meth:`start` never blocks on the network: the kazoo client connects in the
       background, and the pool has no instances until the first read succeeds.
-    - The path is created (with ``acl``) when it is missing, since a watch on a missing
-      path would never fire; without the right to create it, discovery waits for it.
+    - A missing ``path`` is not created (unless ``create_path=True``): it is watched,
+      reads as an empty list until someone creates it, and then its children are
+      followed.  So a typo in ``path`` cannot leave a world-writable node behind.
     - While ZooKeeper is unreachable, or the session is suspended or lost, nothing is
       delivered and the pool keeps serving its last list (fail static).  Kazoo
       reconnects by itself (to any server of ``hosts``), with a new session if the old
       one expired; then the children and their data are read again in full and every
       watch is set again, and the pool gets the new list if it differs.
     - Only a successful read that finds no usable child empties the pool; then checkouts
-      raise :class:`~thriftpool.NoAvailableInstance`.
+      raise :class:`~thriftpool.NoAvailableInstance`.  A read that would remove more than
+      ``max_drop_fraction`` of the known instances at once (a registry bug, a deleted
+      parent) is held back until a read ``drop_confirm_delay`` seconds later confirms it
+      (its additions apply at once); removing one instance (a deregistration) is never
+      held.  Holds and confirmations are logged as warnings and counted in
+      :meth:`stats`.
+    - With ``snapshot_path``, each list delivered to the pool is saved there atomically
+      (a temporary file renamed over the old one, mode 0600).  When the first read has
+      not succeeded ``connect_timeout`` seconds after :meth:`start` (ZooKeeper down at a
+      cold start), the saved list is served (``stats()["source"] == "snapshot"``, its age
+      logged) until the first successful read replaces it.  A missing, corrupt or
+      foreign snapshot (written for another path) is ignored with a warning.
 
     :param hosts: the ZooKeeper ensemble, ``"host:port,host:port[/chroot]"`` or a list of
         ``"host:port"``; a server without a port uses 2181.
@@ -88,10 +119,24 @@ class ZooKeeperDiscovery(Discovery):
     :param auth_data: credentials sent on every connection, e.g.
         ``[("digest", "user:password")]``; needed when the path is not world-readable.
     :param acl: kazoo ACL objects for ``path`` and its parents when discovery creates
-        them (default: kazoo's ``OPEN_ACL_UNSAFE``).  A registration protected with an ACL
-        should own its path: give the same ACL here, or let the registration create it.
-    :param create_path: create ``path`` when it is missing (default); if ``False``,
-        discovery waits for someone else to create it.
+        them (``create_path=True``; default: kazoo's ``OPEN_ACL_UNSAFE``).
+    :param create_path: create ``path`` (and its parents) when it is missing; default
+        ``False``: wait for a registration to create it.
+    :param endpoint: for ServerSet members, the name of the ``additionalEndpoints`` entry
+        to connect to instead of ``serviceEndpoint`` (a member without it is skipped
+        with a warning); other formats ignore it.
+    :param filter: a callable of each :class:`~thriftpool.Endpoint`, returning whether
+        the pool uses it, e.g. ``lambda e: e.metadata.get("shard") == 3``.  One that
+        raises leaves that instance out (logged).
+    :param snapshot_path: a file that keeps the last delivered list (see above);
+        default ``None``: no snapshot.
+    :param connect_timeout: seconds after :meth:`start` to wait for the first successful
+        read before serving the snapshot.
+    :param max_drop_fraction: the largest share of the known instances one read may
+        remove at once without a confirmation, in 0..1; ``None`` or ``1`` turns the
+        protection off.
+    :param drop_confirm_delay: seconds between the read that was held back and the
+        read that confirms it.
     :param session_timeout: the ZooKeeper session timeout, in seconds (the server clamps
         it to between 2 and 20 ticks).
     :param reconnect_max_delay: the longest wait, in seconds, between attempts to reach
@@ -110,10 +155,16 @@ class ZooKeeperDiscovery(Discovery):
         *,
         auth_data: Optional[AuthData] = None,
         acl: Optional[Sequence[Any]] = None,
-        create_path: bool = True,
+        create_path: bool = False,
         session_timeout: float = 10.0,
         reconnect_max_delay: float = 2.0,
         kazoo_options: Optional[Mapping[str, Any]] = None,
+        endpoint: Optional[str] = None,
+        filter: Optional[EndpointFilter] = None,  # noqa: A002 - the documented name
+        snapshot_path: Optional[str] = None,
+        connect_timeout: float = 1.0,
+        max_drop_fraction: Optional[float] = 0.5,
+        drop_confirm_delay: float = 5.0,
     ) -> None:
         self.hosts = check_hosts(hosts)
         self.path = check_path(path)
@@ -125,7 +176,19 @@ class ZooKeeperDiscovery(Discovery):
         self.session_timeout = check_seconds("session_timeout", session_timeout)
         self._reconnect_max_delay = check_seconds("reconnect_max_delay", reconnect_max_delay)
         self._kazoo_options = check_kazoo_options(kazoo_options)
+        if endpoint is not None and (not isinstance(endpoint, str) or not endpoint):
+            raise ValueError(f"endpoint must be the name of a ServerSet additional "
+                             f"endpoint, got {endpoint!r}")
+        self.endpoint = endpoint
         self._prefix = self.path.rstrip("/") + "/"
+        chroot = self.hosts.partition("/")[2]
+        self._publisher = Publisher(
+            "zookeeper", f"zookeeper:{'/' + chroot if chroot else ''}{self.path}",
+            snapshot_path=check_snapshot_path(snapshot_path),
+            connect_timeout=check_seconds("connect_timeout", connect_timeout),
+            max_drop_fraction=check_fraction(max_drop_fraction),
+            drop_confirm_delay=check_seconds("drop_confirm_delay", drop_confirm_delay),
+            endpoint_filter=check_filter(filter))
         self._init_state()
 
     def _init_state(self) -> None:
@@ -152,12 +215,11 @@ class ZooKeeperDiscovery(Discovery):
             self._refresh, self._refresh_failed)
         # Worker-only state.
         self._cache: Dict[str, Optional[Endpoint]] = {}
-        self._warned: Dict[str, bytes] = {}
-        self._delivered: Optional[List[Endpoint]] = None
+        self._warned: Dict[str, bytes] = {}  # child -> digest of the data warned about
         self._children = 0
         self._reads = 0
-        self._snapshots = 0
         self._session_id: Optional[int] = None
+        self._publisher.reset("", None)
 
     # -- Discovery interface -----------------------------------------------------------
 
@@ -181,13 +243,14 @@ class ZooKeeperDiscovery(Discovery):
                 self._supervisor.client_closed = False
                 self._stale.clear()
             self._cache.clear()
-            self._delivered = None
+            self._publisher.reset(pool_name, listener)
             self._listener = listener
             self._pool_name = pool_name
             self._client = client
             self._running = True
             self._stopping = False
-            self._wake.clear()
+            # Set, so the first pass runs now and times the snapshot fallback.
+            self._wake.set()
             self._worker = _compat.spawn(self._supervisor.run,
                                          f"thriftpool-{pool_name}-zookeeper", client,
                                          f"pool {pool_name!r}", _SUPERVISE_INTERVAL)
@@ -214,6 +277,7 @@ class ZooKeeperDiscovery(Discovery):
             if not self._running or self._stopping:
                 return
             self._stopping = True
+            self._publisher.stopping = True
             client, worker = self._client, self._worker
         self._wake.set()
         deadline = _compat.monotonic() + timeout
@@ -252,19 +316,29 @@ class ZooKeeperDiscovery(Discovery):
         return client is not None and client.connected
 
     def stats(self) -> Dict[str, Any]:
-        """``{"path", "connected", "session_id", "children", "instances", "reads",
-        "snapshots"}``: ``reads`` counts child data reads, ``snapshots`` the lists
-        delivered to the pool."""
-        delivered = self._delivered
-        return {
+        """What discovery knows now.
+
+        ``{"path", "connected", "session_id", "children", "reads", "source",
+        "instances", "snapshots", "snapshot_path", "snapshot_age", "snapshot_writes",
+        "snapshot_write_errors", "drops_held", "drops_confirmed", "holding"}``:
+        ``children`` is the number of child nodes at the last read, ``reads`` counts
+        child data reads, ``source`` is ``None`` before the first list, ``"snapshot"``
+        while the snapshot file is served and ``"zookeeper"`` once ZooKeeper was read;
+        ``instances`` is the length of the last delivered list and ``snapshots`` counts
+        the lists delivered to the pool; ``snapshot_age`` is the served snapshot's age in
+        seconds (else ``None``); ``drops_held`` and ``drops_confirmed`` count the large
+        removals held back and confirmed, and ``holding`` lists the addresses held back
+        now.
+        """
+        stats: Dict[str, Any] = {
             "path": self.path,
             "connected": self.connected,
             "session_id": self._session_id,
             "children": self._children,
-            "instances": None if delivered is None else len(delivered),
             "reads": self._reads,
-            "snapshots": self._snapshots,
         }
+        stats.update(self._publisher.stats())
+        return stats
 
     def __repr__(self) -> str:
         return f"ZooKeeperDiscovery(hosts={self.hosts!r}, path={self.path!r})"
@@ -278,7 +352,7 @@ class ZooKeeperDiscovery(Discovery):
                 # kazoo drops every watch when the connection drops: read all again.
                 self._resync = True
             self._wake.set()
-            if self._delivered is not None:
+            if self._publisher.delivered is not None:
                 logger.info("pool %r: ZooKeeper connection back; reading %s again",
                             self._pool_name, self.path)
         elif state == KazooState.SUSPENDED:
@@ -317,14 +391,18 @@ class ZooKeeperDiscovery(Discovery):
 
     # -- the worker ---------------------------------------------------------------------
 
-    def _refresh(self, client: KazooClient) -> None:
+    def _refresh(self, client: KazooClient) -> Optional[float]:
         """One pass: make sure the path exists, list it, read new or changed children,
-        and deliver the list if it changed.  Runs on the worker only."""
+        and deliver the list if it changed.  Runs on the worker only.
+
+        :returns: seconds until the next pass is due without a callback (the snapshot
+            fallback, or the read that confirms a held removal), else ``None``.
+        """
         if not client.connected:
-            return  # the CONNECTED callback wakes us
+            return self._publisher.snapshot_due()  # the CONNECTED callback wakes us
         with self._lock:
             if not self._connected:
-                return
+                return self._publisher.snapshot_due()
             resync, self._resync = self._resync, False
             stale, self._stale = self._stale, set()
             path_ready = self._path_ready
@@ -338,8 +416,8 @@ class ZooKeeperDiscovery(Discovery):
             self._cache.pop(name, None)
         if not path_ready:
             if not self._ensure_path(client, timeout):
-                self._deliver([], 0)  # no such path: the service has no instances
-                return
+                self._children = 0  # no such path: the service has no instances
+                return self._publisher.read_succeeded([])
         try:
             children = client.get_children_async(self.path, watch=self._on_children) \
                 .get(timeout=timeout)
@@ -348,7 +426,7 @@ class ZooKeeperDiscovery(Discovery):
             with self._lock:
                 self._path_ready = False
             self._wake.set()
-            return
+            return None
         children = sorted(children)
         cache = self._cache
         present = set(children)
@@ -366,12 +444,14 @@ class ZooKeeperDiscovery(Discovery):
             if endpoint is not None and endpoint.address not in seen:
                 seen.add(endpoint.address)
                 endpoints.append(endpoint)
-        self._deliver(endpoints, len(children))
+        self._children = len(children)
+        return self._publisher.read_succeeded(endpoints)
 
     def _refresh_failed(self, exc: Exception, problem: str, quiet: bool,
                         retry: float) -> None:
         with self._lock:
             self._resync = True
+        self._publisher.snapshot_due()
         if quiet:
             logger.debug("pool %r: reading %s failed (%s); retrying in %.1fs",
                          self._pool_name, self.path, problem, retry)
@@ -420,28 +500,13 @@ class ZooKeeperDiscovery(Discovery):
                 data = _UNREADABLE
                 endpoint, problem = None, "its data is not readable with these credentials"
             else:
-                endpoint, problem = parse_record(name, data)
+                endpoint, problem = parse_record(name, data, self.endpoint)
             cache[name] = endpoint
             if problem is not None:
-                if self._warned.get(name) != data:
-                    self._warned[name] = data
+                digest = _digest(data)
+                if self._warned.get(name) != digest:
+                    self._warned[name] = digest
                     logger.warning("pool %r: ZooKeeper node %s%s: %s", self._pool_name,
                                    self._prefix, name, problem)
             else:
                 self._warned.pop(name, None)
-
-    def _deliver(self, endpoints: List[Endpoint], children: int) -> None:
-        self._children = children
-        if endpoints == self._delivered or self._stopping:
-            return
-        self._delivered = endpoints
-        self._snapshots += 1
-        listener = self._listener
-        if listener is None:  # pragma: no cover - start() sets it before the worker runs
-            return
-        logger.debug("pool %r: %s lists %d instances", self._pool_name, self.path,
-                     len(endpoints))
-        try:
-            listener(list(endpoints))
-        except Exception:
-            logger.exception("pool %r: the discovery listener failed", self._pool_name)

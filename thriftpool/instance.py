@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Set, Tuple, 
 from . import _compat
 from .address import Address, Endpoint
 from .backoff import Backoff
-from .connection import Connection, client_class
+from .connection import Connection
 from .errors import PoolClosed, PoolExhausted, ThriftPoolError
 from .events import Emitter, ExhaustedEvent
 
@@ -513,7 +513,8 @@ class InstancePool:
     def _heartbeat(self, conn: Connection) -> None:
         """Call the ``heartbeat`` method on an idle connection; a failure discards it."""
         config = self._config
-        client = client_class(config.service)(config.service, conn)
+        assert config.spec is not None
+        client = config.spec.make_client(conn)
         sock = conn.socket.sock
         # The pool's one watchdog thread must not wait on a hung server for socket_timeout
         # (None: forever, and close() could not stop the thread): a ping on an idle

@@ -9,19 +9,19 @@ import weakref
 from types import ModuleType, TracebackType
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Type, Union
 
-from thriftpy2.thrift import TApplicationException
-
 from . import _compat
 from .address import Address, AddressLike, Endpoint
 from .balancer import Balancer, make_balancer
 from .config import UNSET, PoolConfig, _check_seconds
-from .connection import Connection, PooledClient, client_class, is_connect_error, should_discard
+from .connection import APPLICATION_ERRORS, Connection, is_connect_error
+from .connection import should_discard
 from .discovery.base import Discovery
 from .discovery.static import StaticDiscovery
 from .errors import NoAvailableInstance, PoolClosed, PoolExhausted
 from .events import Emitter, ExhaustedCallback, ExhaustedEvent, PoolListener
 from .instance import InstancePool, Reroute
 from .backoff import RetryBudget
+from .service import describe_service
 from .watchdog import Watchdog
 
 __all__ = ["Checkout", "ThriftPool"]
@@ -147,11 +147,12 @@ class ThriftPool:
         server_hostname: Optional[str] = None,
     ) -> None:
         self._closed = True  # until fully built, so __del__ and close() are safe
-        if not isinstance(service, type) and not isinstance(service, ModuleType) \
-                or not hasattr(service, "thrift_services"):
-            raise ValueError(f"service must be a thriftpy2 service, got {service!r}")
+        spec = describe_service(service)  # one stack per pool; ValueError for others
+        if spec is None:
+            raise ValueError("service must be a thriftpy2 service or a module generated "
+                             "by thrift --gen py, got None")
         if name is None:
-            name = getattr(service, "__name__", "thrift")
+            name = spec.name
         self.config = PoolConfig.build(
             service=service, name=name, min_size=min_size, initial_size=initial_size,
             max_size=max_size,
@@ -171,7 +172,7 @@ class ThriftPool:
             discovery = StaticDiscovery(discovery)  # type: ignore[arg-type]
         balancer = make_balancer(balancer)
         self.service = service
-        self._client_class = client_class(service)
+        self._spec = spec
         self.name = name
         self._balancer = balancer
         self._retry_budget = RetryBudget(self.config.retry_budget)
@@ -551,13 +552,13 @@ class Checkout:
         self._conn: Optional[Connection] = None
         self.sent = True
 
-    def __enter__(self) -> PooledClient:
+    def __enter__(self) -> Any:
         if self._conn is not None:
             raise RuntimeError("a checkout can be entered only once")
         pool = self._pool
         self._inst, conn = pool._acquire(self._timeout, self._exclude)
         self._conn = conn
-        self._client = client = pool._client_class(pool.service, conn)
+        self._client = client = pool._spec.make_client(conn)
         return client
 
     def __exit__(self, exc_type: Optional[Type[BaseException]],
@@ -574,7 +575,7 @@ class Checkout:
         # only a server's complete TApplicationException answer may still condemn it.
         in_call = conn.in_call
         failed = exc is not None and should_discard(exc) and (
-            in_call or isinstance(exc, TApplicationException))
+            in_call or isinstance(exc, APPLICATION_ERRORS))
         discard = failed or in_call
         assert self._inst is not None
         self._inst.release(conn, discard, exc if failed and isinstance(exc, Exception) else False)

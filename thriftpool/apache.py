@@ -108,6 +108,8 @@ class PoolSocket(TSocket):  # type: ignore[misc]
     (``SO_RCVTIMEO``) or Python timed the socket out.
     """
 
+    handle: Optional[socket.socket]
+
     def __init__(self, handle: socket.socket, address: "Address", kernel_timeouts: bool
                  ) -> None:
         super().__init__(address.host, address.port)
@@ -121,7 +123,7 @@ class PoolSocket(TSocket):  # type: ignore[misc]
 
     @property
     def sock(self) -> Optional[socket.socket]:
-        return self.handle  # type: ignore[no-any-return]
+        return self.handle
 
     @sock.setter
     def sock(self, value: Optional[socket.socket]) -> None:
@@ -170,7 +172,9 @@ class PoolSocket(TSocket):  # type: ignore[misc]
         conn = self._conn
         if conn is not None and conn.detached:
             return ClientReleased("the connection was released in this forked child")
-        return TTransportException(TTransportException.NOT_OPEN, "socket is closed")
+        error: BaseException = TTransportException(TTransportException.NOT_OPEN,
+                                                   "socket is closed")
+        return error
 
     def read(self, sz: int) -> bytes:
         handle = self.handle

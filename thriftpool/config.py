@@ -198,11 +198,11 @@ class PoolConfig:
             if heartbeat not in methods:
                 raise ValueError(f"heartbeat must name a method of the service, got {heartbeat!r}")
             assert spec is not None
-            if spec.args_spec(heartbeat):
-                raise ValueError(f"heartbeat method {heartbeat!r} must take no arguments")
             if heartbeat in spec.oneway:
                 raise ValueError(f"heartbeat method {heartbeat!r} must not be oneway "
                                  "(a oneway call has no answer to wait for)")
+            if spec.args_spec(heartbeat):
+                raise ValueError(f"heartbeat method {heartbeat!r} must take no arguments")
         beat_interval = _check_seconds("heartbeat_interval", heartbeat_interval,
                                        allow_none=False)
         assert beat_interval is not None

@@ -3,7 +3,8 @@
 It serves ``idl/echo.thrift`` with the classes ``thrift --gen py`` generated into
 ``--gen-dir``, on one of Apache's own Python servers (``--server threaded``,
 ``threadpool`` or ``nonblocking``), with ``--transport buffered|framed`` and
-``--protocol binary|compact|header``.  Like tests/echo_server.py it prints
+``--protocol binary|compact|header`` (under THeader, ``echo`` sends each request
+header back as ``echoed-<name>``).  Like tests/echo_server.py it prints
 ``READY <port> <control_port>`` and takes one-line commands on the control port:
 
 - ``stats``: JSON ``{"accepted", "calls", "notices", "open"}`` (connections accepted,
@@ -99,7 +100,22 @@ def main() -> None:
     handler = Handler()
     if handler.name is None:
         handler.name = f"127.0.0.1:{port}"
-    processor = Echo.Processor(handler)
+    class HeaderEchoingProcessor(Echo.Processor):
+        """Under THeader, answers echo() with each request header ``k: v`` sent back
+        as ``echoed-k: v``."""
+
+        def __init__(self, handler):
+            super().__init__(handler)
+            # the generated map holds Processor.process_echo itself, not the override
+            self._processMap["echo"] = HeaderEchoingProcessor.process_echo
+
+        def process_echo(self, seqid, iprot, oprot):
+            for key, value in iprot.get_headers().items():
+                oprot.set_header(b"echoed-" + key, value)
+            return super().process_echo(seqid, iprot, oprot)
+
+    processor = (HeaderEchoingProcessor if args.protocol == "header"
+                 else Echo.Processor)(handler)
     if args.protocol == "header":
         proto = THeaderProtocol.THeaderProtocolFactory(allowed_client_types=(
             THeaderClientType.HEADERS, THeaderClientType.FRAMED_BINARY,

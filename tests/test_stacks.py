@@ -231,7 +231,7 @@ def test_server_dropped_connections_are_never_handed_out(stack, farm, pools):
     assert server.drop() == 2
     time.sleep(0.1)
     proxy = pool.client()
-    for i in range(5):
+    for _ in range(5):
         assert proxy.ping() is None  # not idempotent: a dead socket would fail it
     assert server.stats()["accepted"] == 3
 
@@ -272,7 +272,7 @@ def test_killed_instance_is_ejected_and_calls_go_to_the_other(stack, farm, pools
     wait_for(lambda: pool.stats()["idle"] == 2, message="both connected")
     a.kill()
     proxy = pool.client()
-    for i in range(10):
+    for _ in range(10):
         assert proxy.whoami() == b.address
     assert not instance(pool, a)["healthy"]
 

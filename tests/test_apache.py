@@ -651,3 +651,32 @@ def test_cli_ping_and_bench_take_an_apache_module(apache, farm):
 
 
 
+
+
+def test_apache_exceptions_are_classified_like_thriftpy2s(apache):
+    from thriftpool.connection import is_connect_error, should_discard
+
+    app, trans, prot = apache.TApplicationException, apache.TTransportException, \
+        apache.TProtocolException
+    assert should_discard(trans(trans.END_OF_FILE)) and should_discard(prot(prot.INVALID_DATA))
+    assert is_connect_error(trans(trans.NOT_OPEN)) and not is_connect_error(trans(trans.TIMED_OUT))
+    for code in (app.BAD_SEQUENCE_ID, app.PROTOCOL_ERROR, app.INVALID_MESSAGE_TYPE,
+                 app.INVALID_TRANSFORM, app.INVALID_PROTOCOL, app.UNSUPPORTED_CLIENT_TYPE):
+        assert should_discard(app(code)), code
+    for code in (app.UNKNOWN, app.UNKNOWN_METHOD, app.MISSING_RESULT, app.INTERNAL_ERROR):
+        assert not should_discard(app(code)), code
+    assert not should_discard(apache.EchoError(message="declared"))
+
+
+@pytest.mark.timeout(60)
+def test_a_theader_registered_server_answers_every_dialect(apache, zk):
+    server = zk.closing(thriftpool.RegisteredServer(
+        apache.module, Handler("h"), "127.0.0.1", 0, hosts=zk.hosts, path=zk.path,
+        protocol="header").start())
+    for options in ({"protocol": "header"}, {}, {"transport": "framed", "protocol": "compact"}):
+        with thriftpool.ThriftPool(apache.service, [server.address], min_size=0,
+                                   **options) as pool:
+            assert pool.client().echo(str(options)) == str(options)
+    with thriftpool.ThriftPool(echo_thrift.Echo, [server.address], min_size=0) as pool:
+        assert pool.client().whoami() == "h"
+    server.stop()

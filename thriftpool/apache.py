@@ -316,9 +316,15 @@ class _Numbered:
         conn.in_call = True
         conn.sent = False
         timeouts = self._method_timeouts
-        self._tsock.begin_call(
-            timeouts.get(name, self._call_timeout) if timeouts else self._call_timeout,
-            ttype == _ONEWAY)
+        timeout = timeouts.get(name, self._call_timeout) if timeouts else self._call_timeout
+        tsock = self._tsock
+        if timeout is not None and tsock._armed == timeout:
+            # The usual call (PoolSocket.begin_call inlined: it runs on every call).
+            tsock._oneway = ttype == _ONEWAY
+            tsock._timeout = timeout
+            tsock._deadline = monotonic() + timeout
+        else:
+            tsock.begin_call(timeout, ttype == _ONEWAY)
         super().writeMessageBegin(name, ttype, seqid)  # type: ignore[misc]
 
     def readMessageBegin(self) -> Tuple[str, int, int]:

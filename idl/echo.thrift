@@ -19,4 +19,7 @@ service Echo {
 
     /* Always raises the IDL-declared EchoError carrying `message`. */
     string fail(1: string message) throws (1: EchoError error),
+
+    /* One way: the server records `message` (a test server counts it); no reply. */
+    oneway void notify(1: string message),
 }

@@ -103,7 +103,54 @@ def connect_log(monkeypatch):
 
 
 #: Markers of tests whose dependency CI must have: their skips fail there.
-CI_REQUIRED_MARKERS = ("zookeeper", "gevent", "dns")
+CI_REQUIRED_MARKERS = ("zookeeper", "gevent", "dns", "apache")
+
+
+# -- the Apache Thrift stack (tests/stacks.py) ------------------------------------------
+
+@pytest.fixture(scope="session")
+def apache_gen(tmp_path_factory):
+    """A directory holding ``thrift --gen py`` output for ``idl/echo.thrift`` (generated
+    once per session), put on ``sys.path``; skips (fails in CI) without the compiler or
+    the ``thrift`` package."""
+    import sys
+
+    from stacks import generate_apache
+
+    pytest.importorskip("thrift", reason="Apache Thrift's 'thrift' package is missing")
+    try:
+        out = generate_apache(str(tmp_path_factory.mktemp("gen-py")))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    sys.path.insert(0, out)
+    return out
+
+
+@pytest.fixture(params=["thriftpy2", "apache"])
+def stack(request):
+    """Each parametrised scenario runs once per stack (see tests/stacks.py)."""
+    from stacks import Stack
+
+    if request.param == "apache":
+        return Stack("apache", request.getfixturevalue("apache_gen"))
+    return Stack("thriftpy2")
+
+
+@pytest.fixture
+def apache(apache_gen):
+    """The Apache stack alone."""
+    from stacks import Stack
+
+    return Stack("apache", apache_gen)
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that runs the Apache stack ``apache``, from its fixtures."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        params = callspec.params if callspec is not None else {}
+        if "apache_gen" in getattr(item, "fixturenames", ()) or params.get("stack") == "apache":
+            item.add_marker(pytest.mark.apache)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -114,5 +161,13 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if (report.skipped and os.environ.get("CI")
             and any(marker in item.keywords for marker in CI_REQUIRED_MARKERS)):
+
+
+    """In CI (``CI`` set), a ZooKeeper, gevent or Apache Thrift test that skips fails
+    instead: a missing dependency must never pass silently."""
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and os.environ.get("CI")
+            and any(m in item.keywords for m in ("zookeeper", "gevent", "apache"))):
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} skipped in CI; its dependency is missing"

@@ -5,9 +5,9 @@ timeout (thriftpy2's default closes connections idle for 3 s, which would hide w
 pool does).  A second loopback port takes one-line control commands, so a test can see
 the server side of the pool:
 
-- ``stats``: JSON ``{"open", "accepted", "calls", "peak"}`` (connections open now,
-  accepted in all, calls answered (counted before the reply is written), most
-  connections open at once);
+- ``stats``: JSON ``{"open", "accepted", "calls", "peak", "notices"}`` (connections open
+  now, accepted in all, calls answered (counted before the reply is written), most
+  connections open at once, one-way ``notify`` calls received);
 - ``drop``: close every client connection from the server side;
 - ``reset_peak``: set ``peak`` to the current number of open connections.
 
@@ -43,11 +43,13 @@ class State:
         self.calls = 0
         self.peak = 0
         self.tls_failures = 0
+        self.notices = 0
 
 
 class Handler:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, state=None) -> None:
         self.name = name
+        self.state = state
 
     def echo(self, message):
         return message
@@ -64,6 +66,11 @@ class Handler:
 
     def fail(self, message):
         raise echo_thrift.EchoError(message=message)
+
+    def notify(self, message):
+        if self.state is not None:
+            with self.state.lock:
+                self.state.notices += 1
 
 
 class CountingProcessor(TProcessor):
@@ -137,7 +144,8 @@ def control_loop(listener, state):
                     with state.lock:
                         reply = {"open": len(state.conns), "accepted": state.accepted,
                                  "calls": state.calls, "peak": state.peak,
-                                 "tls_failures": state.tls_failures}
+                                 "tls_failures": state.tls_failures,
+                                 "notices": state.notices}
                 elif cmd == "drop":
                     with state.lock:
                         conns = list(state.conns)
@@ -191,7 +199,7 @@ def main() -> None:
     control = listen(0)
     state = State()
     processor = CountingProcessor(echo_thrift.Echo,
-                                  Handler(args.name or f"127.0.0.1:{port}"), state)
+                                  Handler(args.name or f"127.0.0.1:{port}", state), state)
     threading.Thread(target=control_loop, args=(control, state), daemon=True).start()
     print(f"READY {port} {control.getsockname()[1]}", flush=True)
     accept_loop(listener, state, processor, trans_factory, proto_factory, tls)

@@ -56,7 +56,7 @@ class EchoServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> None:
+    def command_line(self) -> List[str]:
         cmd = [sys.executable, SERVER_SCRIPT, "--port", str(self.port),
                "--transport", self.transport, "--protocol", self.protocol]
         if self.name:
@@ -65,7 +65,10 @@ class EchoServer:
             cmd += ["--certfile", self.tls[0], "--keyfile", self.tls[1]]
         if self.client_ca:
             cmd += ["--client-ca", self.client_ca]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        return cmd
+
+    def start(self, timeout: float = 15.0) -> None:
+        self.proc = subprocess.Popen(self.command_line(), stdout=subprocess.PIPE, text=True)
         result: Dict[str, str] = {}
 
         def read_ready() -> None:
@@ -91,6 +94,10 @@ class EchoServer:
     def stats(self) -> Dict[str, int]:
         """``{"open", "accepted", "calls", "peak"}`` as the server sees them."""
         return self.command("stats")
+
+    def notices(self) -> int:
+        """One-way ``notify`` calls the server received."""
+        return self.stats()["notices"]
 
     def open_connections(self) -> int:
         return self.stats()["open"]

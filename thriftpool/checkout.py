@@ -28,11 +28,9 @@ from collections import deque
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, Set, Tuple, Type
 
-from thriftpy2.thrift import TApplicationException
-
 from . import _compat
 from .config import _check_seconds
-from .connection import Connection, PooledClient, is_connect_error, should_discard
+from .connection import APPLICATION_ERRORS, Connection, is_connect_error, should_discard
 from .errors import NoAvailableInstance, PoolClosed, PoolExhausted
 from .events import Emitter, ExhaustedEvent
 from .maintenance import close_all, report_ejection, report_restored
@@ -42,6 +40,7 @@ if TYPE_CHECKING:
     from .balancer import Balancer
     from .config import PoolConfig
     from .instance import InstancePool
+    from .service import ServiceSpec
 
 __all__ = ["Checkout", "Router"]
 
@@ -55,12 +54,13 @@ class Router:
     """
 
     def __init__(self, config: "PoolConfig", state: PoolState, balancer: "Balancer",
-                 events: Emitter, client_class: Any, restart: Callable[[], None]) -> None:
+                 events: Emitter, spec: "ServiceSpec", restart: Callable[[], None]) -> None:
         self.config = config
         self.state = state
         self.balancer = balancer
         self.events = events
-        self.client_class = client_class
+        self.spec = spec
+        self.make_client = spec.make_client
         self.service = config.service
         self.name = config.name
         self.last_checkout = 0.0
@@ -333,7 +333,7 @@ class Checkout:
         self._exclude = exclude
         self._inst: Optional["InstancePool"] = None
         self._conn: Optional[Connection] = None
-        self._client: Optional[PooledClient] = None
+        self._client: Any = None
         self._used = False
         self.sent = True
 
@@ -342,7 +342,7 @@ class Checkout:
         """The instance whose connection this checkout holds (or held)."""
         return self._inst
 
-    def __enter__(self) -> PooledClient:
+    def __enter__(self) -> Any:
         if self._used:
             raise RuntimeError("a checkout can be entered only once")
         self._used = True
@@ -352,7 +352,7 @@ class Checkout:
         self._conn = conn
         self._seqid = conn.seqid
         try:
-            self._client = client = router.client_class(router.service, conn)
+            self._client = client = router.make_client(conn)
         except BaseException:
             self._conn = None
             router.checkin_discard(inst, conn, "interrupted")
@@ -376,7 +376,7 @@ class Checkout:
         # only a server's complete TApplicationException answer may still condemn it.
         in_call = conn.in_call
         failed = exc is not None and should_discard(exc) and (
-            in_call or isinstance(exc, TApplicationException))
+            in_call or isinstance(exc, APPLICATION_ERRORS))
         discard = failed or in_call
         assert self._inst is not None
         self._router.checkin(

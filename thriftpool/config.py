@@ -11,6 +11,7 @@ from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory
 
 from .events import ExhaustedCallback
+from .service import ServiceSpec, describe_service
 
 __all__ = ["PoolConfig", "UNSET"]
 
@@ -121,6 +122,9 @@ class PoolConfig:
     retry_budget: float
     ssl_context: Optional[ssl.SSLContext]
     server_hostname: Optional[str]
+    #: The service as the pool sees it (its stack, methods, client class); None when
+    #: the options are checked without a service.
+    spec: Optional[ServiceSpec] = None
 
     @classmethod
     def build(
@@ -188,11 +192,16 @@ class PoolConfig:
         connect = _check_seconds("connect_timeout", connect_timeout, allow_none=False)
         interval = _check_seconds("watchdog_interval", watchdog_interval, allow_none=False)
         assert checkout is not None and connect is not None and interval is not None
-        methods = list(getattr(service, "thrift_services", None) or ())
+        spec = describe_service(service)
+        methods = list(spec.methods) if spec is not None else []
         if heartbeat is not None:
             if heartbeat not in methods:
                 raise ValueError(f"heartbeat must name a method of the service, got {heartbeat!r}")
-            if getattr(getattr(service, heartbeat + "_args"), "thrift_spec", None):
+            assert spec is not None
+            if heartbeat in spec.oneway:
+                raise ValueError(f"heartbeat method {heartbeat!r} must not be oneway "
+                                 "(a oneway call has no answer to wait for)")
+            if spec.args_spec(heartbeat):
                 raise ValueError(f"heartbeat method {heartbeat!r} must take no arguments")
         beat_interval = _check_seconds("heartbeat_interval", heartbeat_interval,
                                        allow_none=False)
@@ -212,6 +221,9 @@ class PoolConfig:
             unknown = sorted(m for m in idempotent_set if m not in methods)
             if unknown:
                 raise ValueError(f"idempotent names methods the service lacks: {unknown}")
+        if protocol == "header" and transport == "framed":
+            raise ValueError("protocol 'header' frames each message itself; use "
+                             "transport='buffered' with it, not 'framed'")
         if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
             raise ValueError(f"ssl_context must be an ssl.SSLContext, got {ssl_context!r}")
         if server_hostname is not None:
@@ -232,8 +244,10 @@ class PoolConfig:
             lifetime_jitter=_check_fraction("lifetime_jitter", lifetime_jitter, 0.5),
             connect_timeout=connect,
             socket_timeout=_check_seconds("socket_timeout", socket_timeout, allow_none=True),
-            transport_factory=_factory("transport", transport, TRANSPORTS, "get_transport"),
-            protocol_factory=_factory("protocol", protocol, PROTOCOLS, "get_protocol"),
+            transport_factory=_factory("transport", transport, TRANSPORTS, "get_transport")
+            if spec is None else spec.transport_factory(transport),
+            protocol_factory=_factory("protocol", protocol, PROTOCOLS, "get_protocol")
+            if spec is None else spec.protocol_factory(protocol, name),
             on_exhausted=on_exhausted,
             watchdog_interval=interval,
             backoff_initial=backoff_initial_s,
@@ -248,4 +262,5 @@ class PoolConfig:
             retry_budget=_check_fraction("retry_budget", retry_budget, 1.0),
             ssl_context=ssl_context,
             server_hostname=server_hostname,
+            spec=spec,
         )

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
     from .config import PoolConfig
 
-__all__ = ["Connection", "PooledClient", "client_class", "is_connect_error", "readable",
-           "should_discard"]
+__all__ = ["APPLICATION_ERRORS", "Connection", "PooledClient", "client_class",
+           "connection_expiry", "is_connect_error", "readable", "should_discard"]
 
 _MAX_SEQID = 2 ** 31 - 1
 _POLL_READABLE = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2) | \
@@ -77,6 +77,30 @@ _Api = Tuple[Any, Any, Any, bool]
 _CLIENT_CLASSES: Dict[int, Type["PooledClient"]] = {}
 
 
+# -- Apache Thrift's exception types, when its optional package is installed -------------
+# (thriftpool/apache.py holds the rest of that stack; only classification lives here.)
+_DISCARD_TYPES: Tuple[type, ...] = (TTransportException, TProtocolException, ReplyMismatch,
+                                    OSError)
+_NOT_OPEN_TYPES: Tuple[type, ...] = (TTransportException,)
+#: The "the server answered" exceptions of both stacks.
+APPLICATION_ERRORS: Tuple[type, ...] = (TApplicationException,)
+#: TApplicationException codes that mean the stream itself went wrong (the same numbers
+#: in both stacks; 8-10 are Apache's THeader ones).
+_STREAM_ERROR_CODES = frozenset({
+    TApplicationException.BAD_SEQUENCE_ID, TApplicationException.PROTOCOL_ERROR,
+    TApplicationException.INVALID_MESSAGE_TYPE, 8, 9, 10})
+try:
+    from thrift.protocol.TProtocol import TProtocolException as _ApacheProtocolError
+    from thrift.Thrift import TApplicationException as _ApacheApplicationError
+    from thrift.transport.TTransport import TTransportException as _ApacheTransportError
+except ImportError:
+    pass
+else:
+    _DISCARD_TYPES += (_ApacheTransportError, _ApacheProtocolError)
+    _NOT_OPEN_TYPES += (_ApacheTransportError,)
+    APPLICATION_ERRORS += (_ApacheApplicationError,)
+
+
 def should_discard(exc: BaseException) -> bool:
     """Tell whether an exception raised by a call leaves its socket unusable.
 
@@ -88,18 +112,17 @@ def should_discard(exc: BaseException) -> bool:
     (``gevent.Timeout``, ``KeyboardInterrupt``) that interrupts a call is caught by the
     connection's in-call flag, not here.
     """
-    if isinstance(exc, (TTransportException, TProtocolException, ReplyMismatch, OSError)):
+    if isinstance(exc, _DISCARD_TYPES):
         return True
-    if isinstance(exc, TApplicationException):
-        return exc.type in (TApplicationException.BAD_SEQUENCE_ID,
-                            TApplicationException.PROTOCOL_ERROR,
-                            TApplicationException.INVALID_MESSAGE_TYPE)
+    if isinstance(exc, APPLICATION_ERRORS):
+        return exc.type in _STREAM_ERROR_CODES  # type: ignore[attr-defined]
     return not isinstance(exc, Exception)
 
 
 def is_connect_error(exc: BaseException) -> bool:
     """The request surely never left: the socket could not even be opened."""
-    return isinstance(exc, TTransportException) and exc.type == TTransportException.NOT_OPEN
+    return isinstance(exc, _NOT_OPEN_TYPES) and \
+        exc.type == TTransportException.NOT_OPEN  # type: ignore[attr-defined]
 
 
 def readable(conns: "list[Connection]") -> "set[Connection]":
@@ -324,6 +347,14 @@ class TLSSocket(TSocket):
                 message=f"Could not connect to {addr}: {exc}") from exc
 
 
+def connection_expiry(config: "PoolConfig", now: float) -> float:
+    """When a connection opened ``now`` is to be replaced (``max_lifetime``, jittered so
+    connections opened together do not all expire together)."""
+    if config.max_lifetime is None:
+        return float("inf")
+    return now + config.max_lifetime * (1.0 - random.uniform(0, config.lifetime_jitter))
+
+
 class Connection:
     """One open socket to one instance, with the bookkeeping the pool needs.
 
@@ -349,8 +380,8 @@ class Connection:
         self.in_call = False
         self.sent = True  # False from the start of a call until its request was flushed
         self.detached = False  # set in a forked child: the socket belongs to the parent
-        self._tls = isinstance(tsocket, TLSSocket)
         sock = tsocket.sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
         self._fd = sock.fileno() if sock is not None else -1
         self._poller: Any = None
         if _compat.has_poll() and self._fd >= 0:
@@ -369,6 +400,9 @@ class Connection:
         :raises TTransportException: ``NOT_OPEN`` when the connect or the handshake fails
             or times out, or when plaintext would go to an instance that requires TLS.
         """
+        if config.spec is not None and config.spec.stack == "apache":
+            from .apache import open_connection  # the Apache stack (optional package)
+            return open_connection(cls, address, config, tls_required, timeout)
         connect_timeout = config.connect_timeout if timeout is None else timeout
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         tsocket: TSocket

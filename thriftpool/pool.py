@@ -16,7 +16,7 @@ import ssl
 import threading
 import warnings
 import weakref
-from types import ModuleType, TracebackType
+from types import ModuleType, TracebackType  # noqa: F401
 from typing import Any, Dict, Iterable, List, Optional, Type, Union
 
 from . import _compat
@@ -24,13 +24,14 @@ from .address import AddressLike, Endpoint
 from .balancer import Balancer, make_balancer
 from .checkout import Checkout, Router
 from .config import UNSET, PoolConfig
-from .connection import Connection, client_class
+from .connection import Connection
 from .discovery.base import Discovery
 from .discovery.static import StaticDiscovery
 from .errors import NoAvailableInstance, PoolClosed
 from .events import Emitter, ExhaustedCallback, PoolListener
 from .maintenance import Plan, check_idle, close_all, plan, run
 from .retry import RetryBudget, RetryPolicy
+from .service import describe_service
 from .state import Closing, PoolState
 from .watchdog import Watchdog
 
@@ -192,11 +193,12 @@ class ThriftPool:
         server_hostname: Optional[str] = None,
     ) -> None:
         self._closed = True  # until fully built, so __del__ and close() are safe
-        if not isinstance(service, type) and not isinstance(service, ModuleType) \
-                or not hasattr(service, "thrift_services"):
-            raise ValueError(f"service must be a thriftpy2 service, got {service!r}")
+        spec = describe_service(service)  # one stack per pool; ValueError for others
+        if spec is None:
+            raise ValueError("service must be a thriftpy2 service or a module generated "
+                             "by thrift --gen py, got None")
         if name is None:
-            name = getattr(service, "__name__", "thrift")
+            name = spec.name
         self.config = config = PoolConfig.build(
             service=service, name=name, min_size=min_size, initial_size=initial_size,
             max_size=max_size,
@@ -224,9 +226,9 @@ class ThriftPool:
                 raise ValueError(f"listeners: {listener!r} has no PoolListener method")
         self._events = Emitter(name, listeners)
         self._state = PoolState(config, name)
-        self._client_class = client_class(service)
+        self._spec = spec
         self._router = Router(config, self._state, make_balancer(balancer), self._events,
-                              self._client_class, self._restart)
+                              spec, self._restart)
         self.retry_policy = RetryPolicy(config.retries, config.idempotent,
                                         RetryBudget(config.retry_budget))
         self._discovery = discovery
@@ -352,7 +354,7 @@ class ThriftPool:
     def _heartbeat(self, conn: Connection) -> None:
         """Call the ``heartbeat`` method on an idle connection (watchdog thread)."""
         config = self.config
-        client = self._client_class(self.service, conn)
+        client = self._spec.make_client(conn)
         # The pool's one watchdog thread must not wait on a hung server for socket_timeout
         # (None: forever, and close() could not stop the thread): a ping on an idle
         # connection is one round trip with no work, like a connect, so it gets at most

@@ -67,14 +67,14 @@ class ClientProxy:
 
     def __new__(cls, router: "Router", policy: "RetryPolicy", pool: Any = None
                 ) -> "ClientProxy":
-        service = router.service
+        spec = router.spec
+        service = spec.service
         sub = _CLASSES.get(id(service))
         if sub is None or getattr(sub, "_thriftpool_service", None) is not service:
-            namespace: Dict[str, Any] = {
-                api: _method(api) for api in service.thrift_services}
+            namespace: Dict[str, Any] = {api: _method(api) for api in spec.methods}
             namespace["__slots__"] = ()
             namespace["_thriftpool_service"] = service
-            sub = type(f"{service.__name__}Proxy", (ClientProxy,), namespace)
+            sub = type(f"{spec.name}Proxy", (ClientProxy,), namespace)
             _CLASSES[id(service)] = sub
         return object.__new__(sub)
 
@@ -84,7 +84,7 @@ class ClientProxy:
         self._thriftpool_pool = pool
 
     def __dir__(self) -> list[str]:
-        return list(self._thriftpool_router.service.thrift_services)
+        return list(self._thriftpool_router.spec.methods)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} over ThriftPool {self._thriftpool_router.name!r}>"

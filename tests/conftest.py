@@ -155,19 +155,11 @@ def pytest_collection_modifyitems(items):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """In CI (``CI`` set), a ZooKeeper, DNS or gevent test that skips fails instead: a
-    missing dependency must never pass silently."""
-    outcome = yield
-    report = outcome.get_result()
-    if (report.skipped and os.environ.get("CI")
-            and any(marker in item.keywords for marker in CI_REQUIRED_MARKERS)):
-
-
-    """In CI (``CI`` set), a ZooKeeper, gevent or Apache Thrift test that skips fails
+    """In CI (``CI`` set), a ZooKeeper, DNS, gevent or Apache Thrift test that skips fails
     instead: a missing dependency must never pass silently."""
     outcome = yield
     report = outcome.get_result()
     if (report.skipped and os.environ.get("CI")
-            and any(m in item.keywords for m in ("zookeeper", "gevent", "apache"))):
+            and any(marker in item.keywords for marker in CI_REQUIRED_MARKERS)):
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} skipped in CI; its dependency is missing"

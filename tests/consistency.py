@@ -32,5 +32,6 @@ def assert_consistent(pool, in_use: int = 0, servers: Optional[Iterable] = None,
         for server in servers:
             key = server.address
             expected = s["instances"].get(key, {}).get("size", 0)
-            wait_for(lambda: server.open_connections() == expected, timeout,
+            wait_for(lambda server=server, expected=expected:
+                     server.open_connections() == expected, timeout,
                      message=f"{key} sees the {expected} connections the pool holds")

@@ -42,7 +42,7 @@ def serve_greenlets(pool) -> dict:
 
     def worker(n: int) -> None:
         try:
-            for i in range(4):
+            for _ in range(4):
                 with pool.checkout() as client:
                     assert client.sleep(5) == 5
             done["ok"] += 1

@@ -17,6 +17,7 @@ import thriftpool
 from thriftpool.state import Waiter
 
 from fakes import FakeWorld, Interrupted
+from servers import wait_for
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -240,7 +241,9 @@ def test_a_dropped_checkout_gives_its_slot_back(world):
     checkout.__enter__()
     del checkout
     gc.collect()
-    w.maintain()  # the watchdog reclaims it
+    # The finalizer woke the watchdog, which reclaims it.
+    wait_for(lambda: w.counts() == dict(idle=0, in_use=0, busy=0, opening=0, closing=0,
+                                        waiting=0), 5, message="the slot given back")
     w.check(held=0)
     assert [c.closes for c in w.conns] == [1]  # its state was unknown: closed
     full_round(w)

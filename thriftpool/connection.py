@@ -151,9 +151,9 @@ def readable(conns: "list[Connection]") -> "set[Connection]":
         except (OSError, ValueError):  # pragma: no cover - a descriptor closed meanwhile
             return out | set(conns)
         for fd, _ in events:
-            conn = by_fd.get(fd)
-            if conn is not None:
-                out.add(conn)
+            found = by_fd.get(fd)
+            if found is not None:
+                out.add(found)
         return out
     for conn in conns:  # pragma: no cover - platforms without poll
         if conn.peer_closed():

@@ -238,7 +238,8 @@ def close_all(state: PoolState, closing: List[Closing], events: "Emitter") -> No
         state.closed_conns(closing)
 
 
-def report_ejection(state: PoolState, inst: "InstancePool", ejection: Any, events: "Emitter") -> None:
+def report_ejection(state: PoolState, inst: "InstancePool", ejection: Any,
+                    events: "Emitter") -> None:
     """Log an ejection and tell the listeners (after the lock)."""
     if ejection is None:
         return

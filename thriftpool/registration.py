@@ -280,7 +280,7 @@ class ServiceRegistration:
 
         :returns: whether it is registered.
         """
-        return self._registered_event.wait(timeout)
+        return bool(self._registered_event.wait(timeout))
 
     def stop(self, timeout: float = 5.0) -> None:
         """Delete the node at once, then close the session; idempotent.

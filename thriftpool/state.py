@@ -475,14 +475,14 @@ class PoolState:
                     inst.closing += len(idle)
                     closing.extend((inst, c, "removed") for c in idle)
             for address, endpoint in wanted.items():
-                inst = instances.get(address)
-                if inst is None:
+                known = instances.get(address)
+                if known is None:
                     instances[address] = InstancePool(endpoint, self.config)
                     added.append(str(address))
                 else:
-                    inst.endpoint = endpoint
-                    inst.weight = endpoint.weight
-                    inst.tls = endpoint.tls
+                    known.endpoint = endpoint
+                    known.weight = endpoint.weight
+                    known.tls = endpoint.tls
             self.instances = instances
             self.ring = tuple(instances[a] for a in wanted)
             # Waiters may now be served by a new instance, or be left with none at all.

@@ -125,6 +125,8 @@ class PoolConfig:
     #: The service as the pool sees it (its stack, methods, client class); None when
     #: the options are checked without a service.
     spec: Optional[ServiceSpec] = None
+    subset_size: Optional[int] = None
+    subset_key: Union[str, bytes, None] = None
 
     @classmethod
     def build(
@@ -157,6 +159,8 @@ class PoolConfig:
         retry_budget: float = 0.2,
         ssl_context: Optional[ssl.SSLContext] = None,
         server_hostname: Optional[str] = None,
+        subset_size: Optional[int] = None,
+        subset_key: Union[str, bytes, None] = None,
     ) -> "PoolConfig":
         """Validate the options and freeze them.
 
@@ -232,6 +236,14 @@ class PoolConfig:
                                  f"got {server_hostname!r}")
             if ssl_context is None:
                 raise ValueError("server_hostname needs ssl_context")
+        if subset_size is not None:
+            subset_size = _check_int("subset_size", subset_size, 1)
+        if subset_key is not None:
+            if not isinstance(subset_key, (str, bytes)) or not subset_key:
+                raise ValueError(f"subset_key must be a non-empty str or bytes, "
+                                 f"got {subset_key!r}")
+            if subset_size is None:
+                raise ValueError("subset_key needs subset_size")
         return cls(
             service=service,
             name=name,
@@ -263,4 +275,6 @@ class PoolConfig:
             ssl_context=ssl_context,
             server_hostname=server_hostname,
             spec=spec,
+            subset_size=subset_size,
+            subset_key=subset_key,
         )

@@ -49,6 +49,8 @@ class PoolListener:
     Close reasons: ``"idle"`` (reaped above min_size), ``"expired"`` (max_lifetime),
     ``"error"`` (a call failed mid-stream), ``"peer_closed"`` (found dead at checkout),
     ``"heartbeat"`` (a heartbeat failed), ``"removed"`` (discovery dropped the instance),
+    ``"subset"`` (the instance left the pool's subset), ``"abandoned"`` (its checkout was
+    dropped without leaving its ``with`` block), ``"interrupted"`` (a checkout was cut short),
     ``"pool_closed"``.
     """
 

@@ -36,7 +36,8 @@ class InstancePool:
 
     __slots__ = ("address", "key", "endpoint", "weight", "tls", "max_size", "idle", "in_use",
                  "busy", "opening", "closing", "retired", "healthy", "health", "fill_target",
-                 "first_fill_done", "opened_total", "closed_total", "__weakref__")
+                 "first_fill_done", "opened_total", "closed_total", "member", "candidate",
+                 "__weakref__")
 
     def __init__(self, endpoint: Endpoint, config: "PoolConfig") -> None:
         self.address: Address = endpoint.address
@@ -62,6 +63,10 @@ class InstancePool:
         self.first_fill_done = False
         self.opened_total = 0
         self.closed_total = 0
+        # Subsetting (PoolState._resubset_locked): in the ring; may be probed.  Both stay
+        # True without subsetting.
+        self.member = True
+        self.candidate = True
 
     # -- read under the state lock ------------------------------------------------------
 

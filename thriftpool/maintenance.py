@@ -125,9 +125,16 @@ def plan(state: PoolState, inst: "InstancePool", now: float, demand: bool) -> Pl
                 inst.closing += len(out.closing)
         target = min(max(inst.fill_target, config.min_size), config.max_size)
         health = inst.health
-        if inst.healthy:
+        if not inst.member and inst.healthy:
+            # Outside the subset: no connections kept; idle ones go (in use at checkin).
+            for conn in inst.idle:
+                out.closing.append((inst, conn, "subset"))
+            inst.closing += len(inst.idle)
+            inst.idle = []
+        elif inst.healthy:
             out.to_open = max(0, target - total)
-        elif demand and total < config.max_size and health.may_probe(now):
+        elif (demand and inst.candidate and total < config.max_size
+                and health.may_probe(now)):
             out.to_open = 1
             out.probe = True
             health.start_probe(now)

@@ -155,6 +155,12 @@ class ThriftPool:
         certificate; the checkout does, and the instance is ejected.
     :param server_hostname: the name to verify the servers' certificates against
         (default: each instance's host).
+    :param subset_size: keep connections to at most this many healthy instances, chosen
+        by rendezvous hashing (:mod:`thriftpool.subset`): one instance joining or leaving
+        changes at most one member, an ejected member is replaced by the next in rank while
+        it is out; ``None`` uses every instance.
+    :param subset_key: a salt for a stable choice across restarts (default: random per
+        process); needs ``subset_size``.
     :raises ValueError: naming the option, when an option or an address is invalid.
     """
 
@@ -191,6 +197,8 @@ class ThriftPool:
         listeners: Iterable[PoolListener] = (),
         ssl_context: Optional[ssl.SSLContext] = None,
         server_hostname: Optional[str] = None,
+        subset_size: Optional[int] = None,
+        subset_key: Union[str, bytes, None] = None,
     ) -> None:
         self._closed = True  # until fully built, so __del__ and close() are safe
         spec = describe_service(service)  # one stack per pool; ValueError for others
@@ -211,7 +219,7 @@ class ThriftPool:
             backoff_jitter=backoff_jitter, failure_threshold=failure_threshold,
             heartbeat=heartbeat, heartbeat_interval=heartbeat_interval, retries=retries,
             idempotent=idempotent, retry_budget=retry_budget, ssl_context=ssl_context,
-            server_hostname=server_hostname)
+            server_hostname=server_hostname, subset_size=subset_size, subset_key=subset_key)
         if discovery is None:
             raise ValueError("discovery must be a Discovery or a list of addresses")
         if not isinstance(discovery, Discovery):
@@ -481,13 +489,15 @@ class ThriftPool:
         """A snapshot of the pool's counts::
 
             {"name", "size", "idle", "in_use", "opening", "closing", "waiting", "closed",
-             "watchdog_alive", "discovery_alive",
+             "watchdog_alive", "discovery_alive", "subset",
              "instances": {"host:port": {"size", "idle", "in_use", "opening", "closing",
                                          "healthy", "state", "weight", "failures",
                                          "opened", "closed"}}}
 
         ``watchdog_alive`` tells whether the watchdog thread runs; ``discovery_alive``
         whether discovery's own thread does (``None`` for a discovery without one).
+        ``subset`` lists the instances in use, best first, with ``subset_size`` (else
+        ``None``).
         """
         instances, per_list, waiting = self._state.snapshot()
         per = {inst.key: s for inst, s in zip(instances, per_list)}
@@ -496,6 +506,8 @@ class ThriftPool:
         return {"name": self.name, **totals, "waiting": waiting, "closed": self._closed,
                 "watchdog_alive": self._watchdog.alive,
                 "discovery_alive": getattr(self._discovery, "alive", None),
+                "subset": ([i.key for i in self._state.ring]
+                           if self.config.subset_size is not None else None),
                 "instances": per}
 
     @property

@@ -42,6 +42,7 @@ from .errors import PoolClosed, ThriftPoolError
 from .events import ExhaustedEvent
 from .health import Ejection
 from .instance import InstancePool
+from .subset import Subsetter
 
 if TYPE_CHECKING:
     from .config import PoolConfig
@@ -131,6 +132,11 @@ class PoolState:
         self.closed = False
         self.discovered = False    # discovery delivered its first list
         self.first_answer = _compat.Event()
+        # Subsetting: every known instance, best first; the ring holds only the members.
+        self.subsetter: Optional[Subsetter] = None
+        if config.subset_size is not None:
+            self.subsetter = Subsetter(config.subset_size, config.subset_key)
+        self.ranked: Tuple[InstancePool, ...] = ()
         # How connections are opened: Connection.open; the socket-free tests swap it.
         self.connect: Callable[..., "Connection"] = _open_connection
 
@@ -280,6 +286,8 @@ class PoolState:
                                        else "pool_closed")]
             restored = inst.health.connected()
             inst.healthy = inst.health.serving
+            if restored and self.subsetter is not None:
+                self._resubset_locked()
             if for_checkout:
                 conn.uses += 1
                 inst.in_use.add(conn)
@@ -297,6 +305,8 @@ class PoolState:
             inst.opening -= 1
             ejection = inst.health.connect_failed(now, error)
             inst.healthy = inst.health.serving
+            if self.subsetter is not None:
+                self._resubset_locked()
             self._after_capacity_change_locked(inst)
             return ejection
 
@@ -406,8 +416,35 @@ class PoolState:
             self._reroute_waiters_locked()
 
     def _note_ejection_locked(self, inst: InstancePool, ejection: Ejection) -> None:
+        if self.subsetter is not None:
+            self._resubset_locked()
         if self.waiters and not any(i.healthy and not i.retired for i in self.ring):
             self._reroute_waiters_locked()
+
+    def _resubset_locked(self) -> None:
+        """Members: the first ``subset_size`` healthy instances in rank (an ejected member
+        is replaced by the next one while it is out); with none healthy, the first
+        ``subset_size`` in rank, so that panic mode probes them.  Candidates (the first
+        ``subset_size`` in rank, healthy or not) are the ones the watchdog probes."""
+        assert self.subsetter is not None
+        size = self.subsetter.size
+        members: List[InstancePool] = []
+        for position, inst in enumerate(self.ranked):
+            inst.candidate = position < size
+            if inst.healthy and len(members) < size:
+                members.append(inst)
+        if not members:
+            members = list(self.ranked[:size])
+        for inst in self.ranked:
+            inst.member = False
+        for inst in members:
+            inst.member = True
+        if tuple(members) != self.ring:
+            self.ring = tuple(members)
+            if self.waiters:
+                for inst in members:
+                    if inst.healthy and not inst.retired:
+                        self._assign_locked(inst)
 
     def _reroute_waiters_locked(self) -> None:
         waiters = list(self.waiters)
@@ -456,6 +493,9 @@ class PoolState:
         wanted: Dict[Address, Endpoint] = {}
         for endpoint in endpoints:
             wanted.setdefault(endpoint.address, endpoint)
+        if self.subsetter is not None:
+            # Hashing every address is pure CPU: done before taking the lock.
+            wanted = {e.address: e for e in self.subsetter.ranked(wanted.values())}
         added: List[str] = []
         removed: List[InstancePool] = []
         closing: List[Closing] = []
@@ -484,7 +524,11 @@ class PoolState:
                     known.weight = endpoint.weight
                     known.tls = endpoint.tls
             self.instances = instances
-            self.ring = tuple(instances[a] for a in wanted)
+            if self.subsetter is None:
+                self.ring = tuple(instances[a] for a in wanted)
+            else:
+                self.ranked = tuple(instances[a] for a in wanted)
+                self._resubset_locked()
             # Waiters may now be served by a new instance, or be left with none at all.
             if self.waiters:
                 for inst in self.ring:

@@ -50,6 +50,13 @@ class FakeConnection:
         self.sent = True
         self.detached = False
         self.tls = False
+        # What Connection keeps for the pool (drain generation, checkout bookkeeping).
+        self.gen = 0
+        self.out_at = 0.0
+        self.out_thread = ""
+        self.out_stack = None
+        self.leak_reported = False
+        self.failed_calls = 0
         # A pipe stands for the socket: never readable, unless hang_up() writes to it, as
         # a peer's EOF makes a socket readable.
         self._r, self._w = os.pipe()

@@ -29,8 +29,9 @@ from .errors import (
     PoolExhausted,
     ReplyMismatch,
     ThriftPoolError,
+    TooManyWaiters,
 )
-from .events import ExhaustedCallback, ExhaustedEvent, PoolListener
+from .events import ExhaustedCallback, ExhaustedEvent, Holder, PoolListener
 from .pool import Checkout, ThriftPool
 from .proxy import ClientProxy
 from .registration import RegisteredServer, RegistrationConflict, ServiceRegistration, serve
@@ -51,6 +52,7 @@ __all__ = [
     "Metadata",
     "ExhaustedCallback",
     "ExhaustedEvent",
+    "Holder",
     "NoAvailableInstance",
     "PoolClosed",
     "PoolConfig",
@@ -65,6 +67,7 @@ __all__ = [
     "StaticDiscovery",
     "ThriftPool",
     "ThriftPoolError",
+    "TooManyWaiters",
     "ZooKeeperDiscovery",
     "parse_address",
     "serve",

@@ -26,6 +26,8 @@ an Apache service, so the thriftpy2 stack works without it installed.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import socket
 import ssl
@@ -467,6 +469,22 @@ class ApacheClientMixin:
         return f"<{type(self).__name__} {state}>"
 
 
+def _counted(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A generated client method that counts its failures on the connection (the pool's
+    ``call_errors``); nothing more on a call that succeeds."""
+    @functools.wraps(func)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(self, *args, **kwargs)
+        except BaseException:
+            conn = self._pooled_conn
+            if conn is not None:
+                conn.failed_calls += 1
+            raise
+
+    return call
+
+
 def _iface_methods(module: "ModuleType") -> Tuple[str, ...]:
     """The service's methods (its parents' too, for ``extends``), in IDL order."""
     names: Dict[str, None] = {}
@@ -501,12 +519,15 @@ class ApacheSpec(ServiceSpec):
                                m + "_args", None)
             spec = getattr(args_cls, "thrift_spec", None) or ()
             self._args[m] = tuple(f[2] for f in spec if f is not None)
+        calls = {m: _counted(getattr(base, m)) for m in self.methods}
         namespace: Dict[str, Any] = {
-            "_calls": {m: getattr(base, m) for m in self.methods},
+            m: f for m, f in calls.items() if not hasattr(ApacheClientMixin, m)}
+        namespace.update({
+            "_calls": calls,
             "__module__": __name__,
             "__doc__": f"The generated {module.__name__}.Client, pooled (see "
                        "thriftpool.apache).",
-        }
+        })
         self.client_class = type(f"Pooled{self.name}Client", (ApacheClientMixin, base),
                                  namespace)
 

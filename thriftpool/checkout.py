@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import traceback
 import weakref
 from collections import deque
 from types import TracebackType
@@ -32,7 +33,8 @@ from . import _compat
 from .config import _check_seconds
 from .connection import APPLICATION_ERRORS, Connection, is_connect_error, should_discard
 from .errors import NoAvailableInstance, PoolClosed, PoolExhausted
-from .events import Emitter, ExhaustedEvent
+from .calls import call_client_factory
+from .events import CALL_EVENTS, Emitter, ExhaustedEvent
 from .maintenance import close_all, report_ejection, report_restored
 from .state import CONN, NONE, PERMIT, PROBE, WAIT, Grant, PoolState, Reroute
 
@@ -60,7 +62,10 @@ class Router:
         self.balancer = balancer
         self.events = events
         self.spec = spec
-        self.make_client = spec.make_client
+        self.make_client: Callable[[Connection], Any] = spec.make_client
+        calls = events.only(CALL_EVENTS)
+        if calls:  # only then: a call costs nothing more when nobody listens to calls
+            self.make_client = call_client_factory(spec, calls)
         self.service = config.service
         self.name = config.name
         self.last_checkout = 0.0
@@ -105,7 +110,7 @@ class Router:
             if picked is not None:
                 conn = state.take_idle(picked)
                 if conn is not None and self._usable(picked, conn):
-                    self._checked_out(picked, conn, now)
+                    self._checked_out(picked, conn, now, now)
                     return picked, conn
         if state.closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
@@ -135,7 +140,7 @@ class Router:
                 inst, conn = grant.inst, grant.conn
                 assert inst is not None and conn is not None
                 if self._usable(inst, conn):
-                    self._checked_out(inst, conn, start)
+                    self._checked_out(inst, conn, start, _compat.monotonic())
                     return inst, conn
                 continue
             if kind is PERMIT or kind is PROBE:
@@ -158,7 +163,7 @@ class Router:
                     last_error = exc  # the request never left: try another instance
                     probed.add(inst)
                     continue
-                self._checked_out(inst, conn, start)
+                self._checked_out(inst, conn, start, _compat.monotonic())
                 return inst, conn
             if kind is WAIT:
                 waiter = grant.waiter
@@ -222,14 +227,22 @@ class Router:
         self.checkin_discard(inst, conn, reason)
         return False
 
-    def _checked_out(self, inst: "InstancePool", conn: Connection, start: float) -> None:
-        """Report the checkout; a listener that raises anything gives the connection back."""
+    def _checked_out(self, inst: "InstancePool", conn: Connection, start: float,
+                     now: float) -> None:
+        """Report the checkout; a listener that raises anything gives the connection back.
+        Then the connection is the caller's (``out_at``: counted at checkin), and with
+        ``leak_timeout`` the caller's stack is recorded."""
         if self.events:
             try:
                 self.events.emit("checkout", inst.key, _compat.monotonic() - start)
             except BaseException:
                 self.checkin(inst, conn, reuse=True, used=False)
                 raise
+        if self.config.leak_timeout is not None:
+            conn.out_stack = traceback.extract_stack()
+            conn.out_thread = threading.current_thread().name
+            conn.leak_reported = False
+        conn.out_at = now
 
     def _open(self, inst: "InstancePool", probe: bool, timeout: float) -> Connection:
         """Open a connection for a checkout; the slot is already counted in ``opening``."""
@@ -240,17 +253,19 @@ class Router:
         except Exception as exc:
             # A connect cut short by this checkout's own deadline proves nothing about
             # the server: free the slot without ejecting the instance.
-            trimmed = timeout < self.config.connect_timeout and \
-                _compat.monotonic() - started >= 0.9 * timeout
+            took = _compat.monotonic() - started
+            trimmed = timeout < self.config.connect_timeout and took >= 0.9 * timeout
             if trimmed:
-                state.open_abandoned(inst, probe)
+                state.open_abandoned(inst, probe, failed=True, took=took)
             else:
-                report_ejection(state, inst, state.open_failed(inst, exc, probe), self.events)
+                report_ejection(state, inst, state.open_failed(inst, exc, probe, took),
+                                self.events)
             raise
         except BaseException:
             state.open_abandoned(inst, probe)
             raise
-        kept, restored, closing = state.opened(inst, conn, probe, for_checkout=True)
+        kept, restored, closing = state.opened(inst, conn, probe, for_checkout=True,
+                                               took=_compat.monotonic() - started)
         try:
             if self.events:
                 self.events.emit("connection_opened", inst.key)
@@ -288,9 +303,11 @@ class Router:
     # -- checkin -----------------------------------------------------------------------
 
     def checkin(self, inst: "InstancePool", conn: Connection, reuse: bool, used: bool = True,
-                failure: Optional[BaseException] = None, reason: str = "error") -> None:
+                failure: Optional[BaseException] = None, reason: str = "error",
+                calls: int = 0, call_errors: int = 0) -> None:
         """Give a connection back; close it (outside the lock) when it must not be reused."""
-        result = self.state.checkin(inst, conn, reuse, used, failure, reason)
+        result = self.state.checkin(inst, conn, reuse, used, failure, reason, calls,
+                                    call_errors)
         if result is not None:
             closing, ejection = result
             try:
@@ -324,7 +341,7 @@ class Checkout:
     """
 
     __slots__ = ("_router", "_timeout", "_exclude", "_inst", "_conn", "_client", "_used",
-                 "_seqid", "sent")
+                 "_seqid", "_failed", "sent")
 
     def __init__(self, router: Router, timeout: Optional[float],
                  exclude: Optional[Set["InstancePool"]] = None) -> None:
@@ -351,6 +368,7 @@ class Checkout:
         self._inst = inst
         self._conn = conn
         self._seqid = conn.seqid
+        self._failed = conn.failed_calls
         try:
             self._client = client = router.make_client(conn)
         except BaseException:
@@ -379,11 +397,15 @@ class Checkout:
             in_call or isinstance(exc, APPLICATION_ERRORS))
         discard = failed or in_call
         assert self._inst is not None
+        calls = conn.seqid - self._seqid
+        if calls < 0:  # the sequence id wrapped (from 2**31 - 1 to 1)
+            calls += 2 ** 31 - 1
         self._router.checkin(
             self._inst, conn, reuse=not discard,
-            used=not discard and conn.seqid != self._seqid,  # a call was answered
+            used=not discard and calls != 0,  # a call was answered
             failure=exc if failed and isinstance(exc, Exception) else None,
-            reason="error" if failed or isinstance(exc, Exception) else "interrupted")
+            reason="error" if failed or isinstance(exc, Exception) else "interrupted",
+            calls=calls, call_errors=conn.failed_calls - self._failed)
 
     def __del__(self) -> None:
         conn = getattr(self, "_conn", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import ssl
 from dataclasses import dataclass
@@ -127,6 +128,8 @@ class PoolConfig:
     spec: Optional[ServiceSpec] = None
     subset_size: Optional[int] = None
     subset_key: Union[str, bytes, None] = None
+    max_waiting: int = 0
+    leak_timeout: Optional[float] = None
 
     @classmethod
     def build(
@@ -161,6 +164,8 @@ class PoolConfig:
         server_hostname: Optional[str] = None,
         subset_size: Optional[int] = None,
         subset_key: Union[str, bytes, None] = None,
+        max_waiting: int = 0,
+        leak_timeout: Optional[float] = None,
     ) -> "PoolConfig":
         """Validate the options and freeze them.
 
@@ -277,4 +282,20 @@ class PoolConfig:
             spec=spec,
             subset_size=subset_size,
             subset_key=subset_key,
+            max_waiting=_check_int("max_waiting", max_waiting, 0),
+            leak_timeout=_check_seconds("leak_timeout", leak_timeout, allow_none=True),
         )
+
+    def resized(self, min_size: Any = UNSET, max_size: Any = UNSET) -> "PoolConfig":
+        """This config with new sizes, checked as :meth:`build` checks them
+        (``initial_size`` is kept within the new bounds).
+
+        :raises ValueError: naming the invalid option and its bound.
+        """
+        new_min = self.min_size if min_size is UNSET else _check_int("min_size", min_size, 0)
+        new_max = self.max_size if max_size is UNSET else _check_int("max_size", max_size, 1)
+        if new_min > new_max:
+            raise ValueError(f"min_size ({new_min}) must be <= max_size ({new_max})")
+        initial = min(max(self.initial_size, new_min), new_max)
+        return dataclasses.replace(self, min_size=new_min, max_size=new_max,
+                                   initial_size=initial)

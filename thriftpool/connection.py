@@ -226,7 +226,11 @@ class PooledClient(TClient):
         except BlockingIOError as exc:
             # SO_RCVTIMEO / SO_SNDTIMEO expired (see _set_call_timeout): the same
             # socket.timeout that a Python-level socket timeout raises.
+            conn.failed_calls += 1
             raise socket.timeout("timed out") from exc
+        except BaseException:
+            conn.failed_calls += 1  # the error path only: free for calls that succeed
+            raise
 
     def _recv(self, _api: str) -> Any:
         iprot = self._iprot
@@ -363,7 +367,8 @@ class Connection:
 
     __slots__ = ("address", "socket", "transport", "protocol", "created_at", "expires_at",
                  "idle_since", "seqid", "in_call", "sent", "detached", "_poller", "_fd",
-                 "_tls", "uses", "last_beat")
+                 "_tls", "uses", "last_beat", "gen", "out_at", "out_thread", "out_stack",
+                 "leak_reported", "failed_calls")
 
     def __init__(self, address: Address, tsocket: TSocket, transport: Any, protocol: Any,
                  created_at: float, expires_at: float) -> None:
@@ -380,6 +385,14 @@ class Connection:
         self.in_call = False
         self.sent = True  # False from the start of a call until its request was flushed
         self.detached = False  # set in a forked child: the socket belongs to the parent
+        self.gen = 0  # the pool's drain generation when it opened (PoolState.opened)
+        # The current checkout: when it got the connection (0.0: not handed out), and with
+        # leak_timeout its thread and stack (thriftpool.checkout.Router._checked_out).
+        self.out_at = 0.0
+        self.out_thread = ""
+        self.out_stack: Any = None
+        self.leak_reported = False
+        self.failed_calls = 0  # calls that raised, ever (a checkout takes the difference)
         sock = tsocket.sock
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._fd = sock.fileno() if sock is not None else -1

@@ -6,7 +6,7 @@ through thriftpool unchanged; these are the pool's own failures.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = [
     "ClientReleased",
@@ -15,6 +15,7 @@ __all__ = [
     "PoolExhausted",
     "ReplyMismatch",
     "ThriftPoolError",
+    "TooManyWaiters",
 ]
 
 
@@ -30,6 +31,23 @@ class PoolExhausted(ThriftPoolError):
         super().__init__(message)
         self.address = address
         self.timeout = timeout
+
+
+class TooManyWaiters(PoolExhausted):
+    """The checkout would have made more than ``max_waiting`` checkouts wait: it failed at
+    once instead of queueing (overload shedding)."""
+
+    def __init__(self, message: str, *, waiting: int = 0, max_waiting: int = 0) -> None:
+        super().__init__(message, timeout=0.0)
+        self.waiting = waiting
+        self.max_waiting = max_waiting
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_too_many, (str(self), self.waiting, self.max_waiting))
+
+
+def _rebuild_too_many(message: str, waiting: int, max_waiting: int) -> TooManyWaiters:
+    return TooManyWaiters(message, waiting=waiting, max_waiting=max_waiting)
 
 
 class NoAvailableInstance(ThriftPoolError):

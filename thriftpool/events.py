@@ -4,11 +4,28 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-__all__ = ["Emitter", "ExhaustedCallback", "ExhaustedEvent", "PoolListener"]
+__all__ = ["Emitter", "ExhaustedCallback", "ExhaustedEvent", "Holder", "PoolListener"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """One checkout that holds a connection (recorded only with ``leak_timeout`` set).
+
+    :param address: ``"host:port"`` of the connection's instance.
+    :param age: seconds since the checkout got the connection.
+    :param thread: the name of the thread that checked it out.
+    :param stack: the stack of that checkout, formatted as by ``traceback.format_list``
+        (the pool's own frames left out).
+    """
+
+    address: str
+    age: float
+    thread: str
+    stack: str
 
 
 @dataclass(frozen=True)
@@ -23,6 +40,9 @@ class ExhaustedEvent:
     :param idle: idle connections of that instance (normally 0).
     :param opening: connections of that instance being opened.
     :param waiting: other checkouts still waiting on that instance.
+    :param holders: with ``leak_timeout`` set, the oldest checkouts holding connections of
+        that instance (at most five, oldest first), so an alert says who holds the pool;
+        empty otherwise.
     """
 
     pool: str
@@ -33,6 +53,7 @@ class ExhaustedEvent:
     idle: int
     opening: int
     waiting: int
+    holders: Tuple[Holder, ...] = ()
 
 
 ExhaustedCallback = Callable[[ExhaustedEvent], None]
@@ -51,7 +72,12 @@ class PoolListener:
     ``"heartbeat"`` (a heartbeat failed), ``"removed"`` (discovery dropped the instance),
     ``"subset"`` (the instance left the pool's subset), ``"abandoned"`` (its checkout was
     dropped without leaving its ``with`` block), ``"interrupted"`` (a checkout was cut short),
-    ``"pool_closed"``.
+    ``"drained"`` (replaced by :meth:`~thriftpool.ThriftPool.drain`), ``"resized"`` (above
+    the cap after :meth:`~thriftpool.ThriftPool.resize`), ``"pool_closed"``.
+
+    ``call_started`` and ``call_finished`` run around every call made through a checked-out
+    client or the proxy.  A pool whose listeners do not override them makes no per-call
+    work at all for events.
     """
 
     def attach_pool(self, pool: Any) -> None:
@@ -82,6 +108,34 @@ class PoolListener:
     def instance_restored(self, pool: str, address: str) -> None:
         """An ejected instance takes traffic again."""
 
+    def connection_leaked(self, pool: str, holder: Holder) -> None:
+        """A checkout has held its connection longer than ``leak_timeout`` (reported once
+        per checkout; the connection is left to its holder)."""
+
+    def call_started(self, pool: str, address: str, method: str,
+                     headers: Dict[str, str]) -> None:
+        """A call of ``method`` to ``address`` starts.  Entries added to ``headers`` are
+        sent with the request as THeader headers when the pool uses ``protocol="header"``
+        (the Apache stack); otherwise they are dropped."""
+
+    def call_finished(self, pool: str, address: str, method: str, duration: float,
+                      error: Optional[BaseException], sent: bool) -> None:
+        """A call of ``method`` to ``address`` ended after ``duration`` seconds: ``error``
+        is what it raised (``None`` on success); ``sent`` tells whether the request was
+        written in full."""
+
+
+#: The per-call events: a listener that overrides neither costs calls nothing.
+CALL_EVENTS = ("call_started", "call_finished")
+
+
+def overrides(listener: object, method: str) -> bool:
+    """``listener`` has its own ``method`` (not :class:`PoolListener`'s no-op)."""
+    func = getattr(type(listener), method, None)
+    if func is None:
+        return callable(getattr(listener, method, None))
+    return func is not getattr(PoolListener, method, None)
+
 
 class Emitter:
     """Calls every listener's method for one event, isolating their failures."""
@@ -94,6 +148,11 @@ class Emitter:
 
     def __bool__(self) -> bool:
         return bool(self._listeners)
+
+    def only(self, methods: Sequence[str]) -> "Emitter":
+        """An emitter over the listeners that override one of ``methods``."""
+        picked = [li for li in self._listeners if any(overrides(li, m) for m in methods)]
+        return Emitter(self._pool, picked)
 
     def emit(self, method: str, *args: Any) -> None:
         for listener in self._listeners:

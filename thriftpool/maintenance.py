@@ -80,9 +80,10 @@ def check_idle(state: PoolState, inst: "InstancePool", events: "Emitter") -> Non
             dead = conn.peer_closed()
             with state.lock:
                 inst.busy.discard(conn)
-                if dead or inst.retired or state.closed:
+                if dead or inst.retired or state.closed or conn.gen < state.generation:
                     inst.closing += 1
-                    closing.append((inst, conn, "peer_closed" if dead else "removed"))
+                    closing.append((inst, conn, "peer_closed" if dead else
+                                    "drained" if conn.gen < state.generation else "removed"))
                 else:
                     state._push_idle_locked(inst, conn)
                     if state.waiters:
@@ -100,18 +101,25 @@ def check_idle(state: PoolState, inst: "InstancePool", events: "Emitter") -> Non
 
 def plan(state: PoolState, inst: "InstancePool", now: float, demand: bool) -> Plan:
     """Decide step 2 for ``inst`` under the lock; reserves what it plans (see module doc)."""
-    config = state.config
     out = Plan(inst)
     with state.lock:
+        config = state.config  # resize() replaces it under the lock
         if inst.retired or state.closed:
             return out
         total = inst.size()
         if inst.idle:
             keep: List[Connection] = []
             idle_timeout = config.idle_timeout
+            generation = state.generation
             # The bottom of the stack holds the connections idle the longest.
             for conn in inst.idle:
-                if now >= conn.expires_at:
+                if conn.gen < generation:  # opened before a drain(); busy during it
+                    out.closing.append((inst, conn, "drained"))
+                    total -= 1
+                elif total > inst.max_size:  # above a cap that resize() lowered
+                    out.closing.append((inst, conn, "resized"))
+                    total -= 1
+                elif now >= conn.expires_at:
                     out.closing.append((inst, conn, "expired"))
                     total -= 1
                 elif (idle_timeout is not None and total > config.min_size
@@ -185,14 +193,15 @@ def _beat(state: PoolState, inst: "InstancePool", conn: Connection, events: "Emi
         closing: List[Closing] = []
         with state.lock:
             inst.busy.discard(conn)
-            if ok and not inst.retired and not state.closed:
+            if ok and not inst.retired and not state.closed and conn.gen >= state.generation:
                 conn.last_beat = _compat.monotonic()
                 state._push_idle_locked(inst, conn)   # idle_since unchanged: its old place
                 if state.waiters:
                     state._assign_locked(inst)
             else:
                 inst.closing += 1
-                closing.append((inst, conn, "heartbeat" if not ok else "removed"))
+                closing.append((inst, conn, "heartbeat" if not ok else
+                                "drained" if conn.gen < state.generation else "removed"))
         close_all(state, closing, events)
     if not ok and isinstance(error, Exception):
         report_ejection(state, inst, state.call_failed(inst, error), events)
@@ -205,14 +214,17 @@ def _open(state: PoolState, inst: "InstancePool", to_open: int, probe: bool,
     left = to_open
     try:
         while left:
+            started = _compat.monotonic()
             try:
                 conn = state.connect(inst.address, config, inst.tls)
             except Exception as exc:
                 left -= 1
-                report_ejection(state, inst, state.open_failed(inst, exc, probe), events)
+                report_ejection(state, inst, state.open_failed(
+                    inst, exc, probe, _compat.monotonic() - started), events)
                 return
             left -= 1
-            kept, restored, closing = state.opened(inst, conn, probe, for_checkout=False)
+            kept, restored, closing = state.opened(inst, conn, probe, for_checkout=False,
+                                                   took=_compat.monotonic() - started)
             if events:
                 events.emit("connection_opened", inst.key)
             if closing:

@@ -23,7 +23,7 @@ from . import _compat
 from .address import AddressLike, Endpoint
 from .balancer import Balancer, make_balancer
 from .checkout import Checkout, Router
-from .config import UNSET, PoolConfig
+from .config import UNSET, PoolConfig, _check_seconds
 from .connection import Connection
 from .discovery.base import Discovery
 from .discovery.static import StaticDiscovery
@@ -32,7 +32,7 @@ from .events import Emitter, ExhaustedCallback, PoolListener
 from .maintenance import Plan, check_idle, close_all, plan, run
 from .retry import RetryBudget, RetryPolicy
 from .service import describe_service
-from .state import Closing, PoolState
+from .state import Closing, PoolState, format_holder
 from .watchdog import Watchdog
 
 __all__ = ["Checkout", "ThriftPool"]
@@ -161,6 +161,14 @@ class ThriftPool:
         it is out; ``None`` uses every instance.
     :param subset_key: a salt for a stable choice across restarts (default: random per
         process); needs ``subset_size``.
+    :param max_waiting: at most this many checkouts wait at once across the pool; one more
+        fails at once with :class:`TooManyWaiters` (a :class:`PoolExhausted`) instead of
+        queueing; 0: no limit.
+    :param leak_timeout: seconds after which a checkout still holding its connection is
+        reported once (a WARNING with the stack that checked it out, and the listeners'
+        ``connection_leaked``); the connection is never taken from its holder.  With it set
+        each checkout records its stack, and :class:`ExhaustedEvent` lists the oldest
+        holders; ``None`` (the default) records nothing.
     :raises ValueError: naming the option, when an option or an address is invalid.
     """
 
@@ -199,6 +207,8 @@ class ThriftPool:
         server_hostname: Optional[str] = None,
         subset_size: Optional[int] = None,
         subset_key: Union[str, bytes, None] = None,
+        max_waiting: int = 0,
+        leak_timeout: Optional[float] = None,
     ) -> None:
         self._closed = True  # until fully built, so __del__ and close() are safe
         spec = describe_service(service)  # one stack per pool; ValueError for others
@@ -219,7 +229,8 @@ class ThriftPool:
             backoff_jitter=backoff_jitter, failure_threshold=failure_threshold,
             heartbeat=heartbeat, heartbeat_interval=heartbeat_interval, retries=retries,
             idempotent=idempotent, retry_budget=retry_budget, ssl_context=ssl_context,
-            server_hostname=server_hostname, subset_size=subset_size, subset_key=subset_key)
+            server_hostname=server_hostname, subset_size=subset_size, subset_key=subset_key,
+            max_waiting=max_waiting, leak_timeout=leak_timeout)
         if discovery is None:
             raise ValueError("discovery must be a Discovery or a list of addresses")
         if not isinstance(discovery, Discovery):
@@ -336,6 +347,9 @@ class ThriftPool:
             return
         router = self._router
         router.reclaim_abandoned()
+        self._report_leaks()
+        with state.lock:
+            state.check_oversize_locked()
         with self._to_close_lock:
             to_close, self._to_close = self._to_close, []
         close_all(state, to_close, self._events)
@@ -358,6 +372,19 @@ class ThriftPool:
                 logger.debug("pool %r: maintenance of %s failed: %s", self.name, inst.key, exc)
         if failure is not None:
             raise failure  # logged once by the watchdog, with its traceback
+
+    def _report_leaks(self) -> None:
+        """Log each checkout held past ``leak_timeout``, once (watchdog thread)."""
+        if self.config.leak_timeout is None:
+            return
+        for raw in self._state.leaks(_compat.monotonic()):
+            holder = format_holder(raw)
+            logger.warning("pool %r: a connection to %s has been checked out for %.1fs "
+                           "(leak_timeout=%gs) by thread %r, from:\n%s", self.name,
+                           holder.address, holder.age, self.config.leak_timeout,
+                           holder.thread, holder.stack.rstrip())
+            if self._events:
+                self._events.emit("connection_leaked", holder)
 
     def _heartbeat(self, conn: Connection) -> None:
         """Call the ``heartbeat`` method on an idle connection (watchdog thread)."""
@@ -486,29 +513,116 @@ class ThriftPool:
             _compat.sleep(0.01)
 
     def stats(self) -> Dict[str, Any]:
-        """A snapshot of the pool's counts::
+        """A snapshot of the pool's counts (gauges) and cumulative counters::
 
             {"name", "size", "idle", "in_use", "opening", "closing", "waiting", "closed",
-             "watchdog_alive", "discovery_alive", "subset",
+             "min_size", "max_size", "watchdog_alive", "discovery_alive", "subset",
              "instances": {"host:port": {"size", "idle", "in_use", "opening", "closing",
                                          "healthy", "state", "weight", "failures",
-                                         "opened", "closed"}}}
+                                         "opened", "closed"}},
+             # counters, since the pool started or the last pop_stats():
+             "checkouts", "checkouts_waited", "wait_ms", "exhausted", "too_many_waiters",
+             "connections_opened", "connect_errors", "connections_lost", "calls",
+             "call_errors", "in_use_ms", "connect_ms"}
 
         ``watchdog_alive`` tells whether the watchdog thread runs; ``discovery_alive``
         whether discovery's own thread does (``None`` for a discovery without one).
         ``subset`` lists the instances in use, best first, with ``subset_size`` (else
-        ``None``).
+        ``None``).  ``min_size``/``max_size`` are the current sizes (see :meth:`resize`).
+
+        Counters: ``checkouts`` ended (counted when the connection is given back, with
+        their ``in_use_ms``, and the ``calls`` made on their clients, ``call_errors`` of
+        which raised); ``checkouts_waited`` queued for a connection, ``wait_ms`` in all;
+        ``exhausted`` timed out waiting (:class:`PoolExhausted`); ``too_many_waiters`` were
+        refused by ``max_waiting``; ``connections_opened``, ``connect_errors`` (failed or
+        out of time) and ``connect_ms`` spent connecting; ``connections_lost``: closed
+        because found broken (a failed call, a peer hang-up, a failed heartbeat).
         """
-        instances, per_list, waiting = self._state.snapshot()
+        return self._stats(reset=False)
+
+    def pop_stats(self) -> Dict[str, Any]:
+        """:meth:`stats`, and reset the counters to zero (the gauges are not counters and
+        stay), so that a metrics loop can report deltas.  The Prometheus exporter reads the
+        cumulative counters of :meth:`stats`: use one or the other."""
+        return self._stats(reset=True)
+
+    def _stats(self, reset: bool) -> Dict[str, Any]:
+        state = self._state
+        instances, per_list, waiting = state.snapshot()
+        counters = state.pop_counters(reset)
         per = {inst.key: s for inst, s in zip(instances, per_list)}
         totals = {k: sum(s[k] for s in per.values())
                   for k in ("size", "idle", "in_use", "opening", "closing")}
+        config = state.config
         return {"name": self.name, **totals, "waiting": waiting, "closed": self._closed,
+                "min_size": config.min_size, "max_size": config.max_size,
                 "watchdog_alive": self._watchdog.alive,
                 "discovery_alive": getattr(self._discovery, "alive", None),
-                "subset": ([i.key for i in self._state.ring]
-                           if self.config.subset_size is not None else None),
-                "instances": per}
+                "subset": ([i.key for i in state.ring]
+                           if config.subset_size is not None else None),
+                "instances": per, **counters}
+
+    # -- operator controls -------------------------------------------------------------
+
+    def drain(self, wait: bool = False, timeout: float = 30.0) -> None:
+        """Replace every connection opened before this call (after a certificate rotation,
+        a server-side fix, a configuration change): idle ones are closed now, in-use ones
+        when they are checked in, and new ones are opened as needed (the watchdog refills
+        ``min_size`` at once).  Checkouts go on meanwhile.
+
+        :param wait: block until no connection opened before the call is left open.
+        :param timeout: with ``wait``, the most seconds to block.
+        :raises TimeoutError: with ``wait``, connections opened before the call were still
+            checked out after ``timeout`` seconds (they are still replaced at checkin).
+        :raises PoolClosed: the pool is closed (or was closed while waiting).
+        :raises ValueError: ``timeout`` is not a number of seconds >= 0.
+        """
+        limit = _check_seconds("timeout", timeout, allow_none=False, allow_zero=True)
+        assert limit is not None
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} is closed")
+        state = self._state
+        generation, closing = state.drain()
+        logger.info("pool %r: draining: %d idle connections closed now, the others at "
+                    "checkin", self.name, len(closing))
+        close_all(state, closing, self._events)
+        self._watchdog.wake()
+        if not wait:
+            return
+        done = _compat.Event()
+        if state.wait_drain(generation, done):
+            try:
+                finished = done.wait(limit)
+            finally:
+                state.cancel_drain_wait(done)
+            if not finished:
+                left = state.old_connections(generation)
+                raise TimeoutError(
+                    f"pool {self.name!r}: {left} connections opened before drain() still "
+                    f"open after {limit:g}s (checked out; they are replaced at checkin)")
+        if self._closed:
+            raise PoolClosed(f"pool {self.name!r} was closed while draining")
+
+    def resize(self, min_size: int = UNSET, max_size: int = UNSET) -> None:
+        """Change ``min_size`` and/or ``max_size`` (per instance) at run time, checked as
+        the constructor checks them.  A lower ``max_size`` closes idle connections above it
+        now and in-use ones at checkin (no connection is opened while an instance is at or
+        above the cap); a higher one serves waiting checkouts at once.  A higher
+        ``min_size`` is filled by the watchdog, a lower one lets idle connections be reaped.
+        ``pool.config`` and ``stats()`` show the new sizes.
+
+        :raises ValueError: naming the invalid option (nothing is changed).
+        :raises PoolClosed: the pool is closed.
+        """
+        state = self._state
+        config, closing = state.resize(min_size, max_size)
+        self.config = self._router.config = config
+        if closing:
+            logger.info("pool %r: resized to min_size=%d max_size=%d; closing %d idle "
+                        "connections above the cap", self.name, config.min_size,
+                        config.max_size, len(closing))
+        close_all(state, closing, self._events)
+        self._watchdog.wake()
 
     @property
     def closed(self) -> bool:

@@ -32,14 +32,16 @@ it was handed meanwhile, and it gives that back.
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import traceback
 from collections import deque
 from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional,
                     Sequence, Set, Tuple)
 
 from . import _compat
 from .address import Address, Endpoint
-from .errors import PoolClosed, ThriftPoolError
-from .events import ExhaustedEvent
+from .errors import PoolClosed, ThriftPoolError, TooManyWaiters
+from .events import ExhaustedEvent, Holder
 from .health import Ejection
 from .instance import InstancePool
 from .subset import Subsetter
@@ -48,7 +50,7 @@ if TYPE_CHECKING:
     from .config import PoolConfig
     from .connection import Connection
 
-__all__ = ["Grant", "PoolState", "Reroute", "Waiter"]
+__all__ = ["Counters", "Grant", "PoolState", "Reroute", "Waiter", "format_holder"]
 
 
 def _open_connection(*args: Any, **kwargs: Any) -> "Connection":
@@ -63,6 +65,69 @@ class Reroute(ThriftPoolError):
 
 #: A connection to close and why (for the listeners), done by the caller after the lock.
 Closing = Tuple[InstancePool, "Connection", str]
+
+#: Close reasons that mean the pool found the connection broken (``connections_lost``).
+_LOST = frozenset({"error", "peer_closed", "heartbeat"})
+
+#: A checkout holding a connection, as recorded with ``leak_timeout``: (address, age,
+#: thread name, stack); the stack is formatted after the lock is released.
+RawHolder = Tuple[str, float, str, Any]
+
+
+class Counters:
+    """Cumulative counts since the pool started (or since the last ``pop_stats()``),
+    changed only under the state lock: plain integer and float additions on paths that
+    hold it anyway."""
+
+    __slots__ = ("checkouts", "checkouts_waited", "wait_s", "exhausted", "too_many_waiters",
+                 "connections_opened", "connect_errors", "connections_lost", "calls",
+                 "call_errors", "in_use_s", "connect_s")
+
+    def __init__(self) -> None:
+        self.checkouts = 0           # checkouts given back (counted at checkin)
+        self.checkouts_waited = 0    # checkouts that queued for a connection
+        self.wait_s = 0.0            # their time in the queue
+        self.exhausted = 0           # PoolExhausted after waiting (not TooManyWaiters)
+        self.too_many_waiters = 0    # TooManyWaiters
+        self.connections_opened = 0
+        self.connect_errors = 0      # connects that failed (or ran out of time)
+        self.connections_lost = 0    # closed because found broken (_LOST)
+        self.calls = 0               # calls made on checked-out clients (counted at checkin)
+        self.call_errors = 0         # of those, calls that raised
+        self.in_use_s = 0.0          # time connections spent checked out
+        self.connect_s = 0.0         # time spent connecting
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "checkouts": self.checkouts,
+            "checkouts_waited": self.checkouts_waited,
+            "wait_ms": round(self.wait_s * 1000.0, 3),
+            "exhausted": self.exhausted,
+            "too_many_waiters": self.too_many_waiters,
+            "connections_opened": self.connections_opened,
+            "connect_errors": self.connect_errors,
+            "connections_lost": self.connections_lost,
+            "calls": self.calls,
+            "call_errors": self.call_errors,
+            "in_use_ms": round(self.in_use_s * 1000.0, 3),
+            "connect_ms": round(self.connect_s * 1000.0, 3),
+        }
+
+
+#: The names of the counters in ``stats()``.
+COUNTER_NAMES = tuple(Counters().as_dict())
+
+#: Frames of this package, left out of a recorded checkout stack.
+_PACKAGE_DIR = __file__.rsplit("/", 1)[0] + "/"
+
+
+def format_holder(raw: RawHolder) -> Holder:
+    """A :class:`Holder` from what the lock-held scan recorded (formatting is CPU work,
+    done after the lock)."""
+    address, age, thread, stack = raw
+    frames = [f for f in (stack or ()) if not f.filename.startswith(_PACKAGE_DIR)]
+    return Holder(address=address, age=age, thread=thread or "?",
+                  stack="".join(traceback.format_list(frames)))
 
 # Kinds of grant a checkout can get.
 CONN = "conn"        # an idle connection, now counted in_use
@@ -91,9 +156,9 @@ class Waiter:
     """One checkout waiting for a connection, or for the right to open one, from any
     healthy instance.  Its fields change only under the state lock."""
 
-    __slots__ = ("_event", "inst", "conn", "permit", "error", "done", "picked")
+    __slots__ = ("_event", "inst", "conn", "permit", "error", "done", "picked", "since")
 
-    def __init__(self, picked: Optional[InstancePool]) -> None:
+    def __init__(self, picked: Optional[InstancePool], since: float = 0.0) -> None:
         self._event = _compat.Event()   # made now: gevent's Event once gevent patched
         self.inst: Optional[InstancePool] = None
         self.conn: Optional["Connection"] = None
@@ -101,6 +166,7 @@ class Waiter:
         self.error: Optional[BaseException] = None
         self.done = False
         self.picked = picked            # the balancer's choice, for the exhausted report
+        self.since = since              # when it queued (the wait_ms counter)
 
     def _give(self, inst: InstancePool, conn: Optional["Connection"]) -> None:
         self.inst = inst
@@ -139,6 +205,13 @@ class PoolState:
         self.ranked: Tuple[InstancePool, ...] = ()
         # How connections are opened: Connection.open; the socket-free tests swap it.
         self.connect: Callable[..., "Connection"] = _open_connection
+        self.counters = Counters()
+        # drain(): connections opened under an older generation are replaced.  A drain
+        # that waits holds (generation, event) here until no older connection is left.
+        self.generation = 0
+        self.drain_waits: List[Tuple[int, Any]] = []
+        # resize() shrank max_size: checkins close connections above the new cap.
+        self.oversize = False
 
     def renew_primitives(self) -> None:
         """After fork or late gevent patching: fresh lock and event (nobody holds them)."""
@@ -195,7 +268,14 @@ class PoolState:
                     if inst.can_open():
                         inst.opening += 1
                         return Grant(PERMIT, inst)
-                waiter = Waiter(picked if picked in serving else serving[0])
+                max_waiting = self.config.max_waiting
+                if max_waiting and len(self.waiters) >= max_waiting:
+                    self.counters.too_many_waiters += 1
+                    raise TooManyWaiters(
+                        f"pool {self.name!r}: {len(self.waiters)} checkouts are already "
+                        f"waiting (max_waiting={max_waiting}); failing at once",
+                        waiting=len(self.waiters), max_waiting=max_waiting)
+                waiter = Waiter(picked if picked in serving else serving[0], now)
                 self.waiters.append(waiter)
                 return Grant(WAIT, waiter=waiter)
             if not ring:
@@ -230,6 +310,9 @@ class PoolState:
         ``permit``, or raise ``waiter.error``.
         """
         with self.lock:
+            counters = self.counters
+            counters.checkouts_waited += 1
+            counters.wait_s += _compat.monotonic() - waiter.since
             if waiter.done:
                 return True
             waiter.done = True
@@ -255,22 +338,55 @@ class PoolState:
         return []
 
     def exhausted_event(self, waiter: Optional[Waiter], timeout: float) -> ExhaustedEvent:
+        now = _compat.monotonic()
         with self.lock:
+            self.counters.exhausted += 1
             inst = waiter.picked if waiter is not None else None
             if inst is None and self.ring:
                 inst = self.ring[0]
-            return ExhaustedEvent(
+            raw: List[RawHolder] = []
+            if inst is not None and self.config.leak_timeout is not None:
+                raw = self._holders_locked(inst, now, 5)
+            event = ExhaustedEvent(
                 pool=self.name, address=inst.key if inst is not None else "",
                 timeout=timeout, max_size=self.config.max_size,
                 in_use=len(inst.in_use) if inst is not None else 0,
                 idle=len(inst.idle) if inst is not None else 0,
                 opening=inst.opening if inst is not None else 0,
                 waiting=len(self.waiters))
+        if raw:
+            return dataclasses.replace(event, holders=tuple(format_holder(h) for h in raw))
+        return event
+
+    # -- leak detection (leak_timeout) -------------------------------------------------
+
+    @staticmethod
+    def _holders_locked(inst: InstancePool, now: float, limit: int) -> List[RawHolder]:
+        """The oldest ``limit`` checkouts of ``inst`` (their stacks unformatted)."""
+        held = sorted((c for c in inst.in_use if c.out_at), key=lambda c: c.out_at)[:limit]
+        return [(inst.key, now - c.out_at, c.out_thread, c.out_stack) for c in held]
+
+    def leaks(self, now: float) -> List[RawHolder]:
+        """Checkouts held longer than ``leak_timeout`` and not reported yet; each one is
+        marked reported (the watchdog logs them after the lock)."""
+        limit = self.config.leak_timeout
+        if limit is None:
+            return []
+        found: List[RawHolder] = []
+        with self.lock:
+            for inst in self.instances.values():
+                for conn in inst.in_use:
+                    out_at = conn.out_at
+                    if out_at and not conn.leak_reported and now - out_at >= limit:
+                        conn.leak_reported = True
+                        found.append((inst.key, now - out_at, conn.out_thread,
+                                      conn.out_stack))
+        return found
 
     # -- opening -----------------------------------------------------------------------
 
-    def opened(self, inst: InstancePool, conn: "Connection", probe: bool, for_checkout: bool
-               ) -> Tuple[bool, bool, List[Closing]]:
+    def opened(self, inst: InstancePool, conn: "Connection", probe: bool, for_checkout: bool,
+               took: float = 0.0) -> Tuple[bool, bool, List[Closing]]:
         """A connect of ``inst`` succeeded.  With ``for_checkout`` the connection is the
         caller's (in use); otherwise it goes to the first waiter or the idle stack.
 
@@ -280,6 +396,10 @@ class PoolState:
         with self.lock:
             inst.opening -= 1
             inst.opened_total += 1
+            counters = self.counters
+            counters.connections_opened += 1
+            counters.connect_s += took
+            conn.gen = self.generation
             if inst.retired or self.closed:
                 inst.closing += 1
                 return False, False, [(inst, conn, "removed" if not self.closed
@@ -297,12 +417,14 @@ class PoolState:
                 self._assign_locked(inst)
             return True, restored, []
 
-    def open_failed(self, inst: InstancePool, error: BaseException, probe: bool
-                    ) -> Optional[Ejection]:
+    def open_failed(self, inst: InstancePool, error: BaseException, probe: bool,
+                    took: float = 0.0) -> Optional[Ejection]:
         """A connect of ``inst`` failed (an ``Exception``): eject it, free the slot."""
         now = _compat.monotonic()
         with self.lock:
             inst.opening -= 1
+            self.counters.connect_errors += 1
+            self.counters.connect_s += took
             ejection = inst.health.connect_failed(now, error)
             inst.healthy = inst.health.serving
             if self.subsetter is not None:
@@ -310,11 +432,16 @@ class PoolState:
             self._after_capacity_change_locked(inst)
             return ejection
 
-    def open_abandoned(self, inst: InstancePool, probe: bool) -> List[Closing]:
+    def open_abandoned(self, inst: InstancePool, probe: bool, failed: bool = False,
+                       took: float = 0.0) -> List[Closing]:
         """A connect was interrupted (not the server's fault) or a permit given back: free
-        the slot and let the next waiter have it; the instance's health is unchanged."""
+        the slot and let the next waiter have it; the instance's health is unchanged.
+        ``failed``: a connect that ran out of the checkout's time (a connect error)."""
         with self.lock:
             inst.opening -= 1
+            if failed:
+                self.counters.connect_errors += 1
+                self.counters.connect_s += took
             if probe:
                 inst.health.probe_abandoned()
             inst.health.last_attempt_at = _compat.monotonic()
@@ -324,7 +451,8 @@ class PoolState:
     # -- checkin -----------------------------------------------------------------------
 
     def checkin(self, inst: InstancePool, conn: "Connection", reuse: bool, used: bool = True,
-                failure: Optional[BaseException] = None, reason: str = "error"
+                failure: Optional[BaseException] = None, reason: str = "error",
+                calls: int = 0, call_errors: int = 0
                 ) -> Optional[Tuple[List[Closing], Optional[Ejection]]]:
         """Take back a checked-out connection.
 
@@ -332,6 +460,7 @@ class PoolState:
             instance is retired.  Otherwise it is closed (``reason``).
         :param used: a call was answered on it (resets the instance's failure streak).
         :param failure: the call failed in a way that counts against the instance.
+        :param calls: calls made during the checkout; ``call_errors`` of them raised.
         :returns: ``None`` on the common path (kept, nothing to report); otherwise the
             connections to close and the ejection to report.
         """
@@ -342,6 +471,15 @@ class PoolState:
                 # Not ours (any more): checked out before a fork and detached since.
                 return None
             inst.in_use.discard(conn)
+            out_at = conn.out_at
+            if out_at:  # handed to a caller (not one discarded before that)
+                conn.out_at = 0.0
+                counters = self.counters
+                counters.checkouts += 1
+                counters.in_use_s += now - out_at
+                if calls:
+                    counters.calls += calls
+                    counters.call_errors += call_errors
             health = inst.health
             if failure is not None:
                 ejection = health.call_failed(now, failure)
@@ -356,6 +494,12 @@ class PoolState:
                               "removed" if inst.retired else "expired")
                 inst.closing += 1
                 return [(inst, conn, reason)], ejection
+            if conn.gen < self.generation or (self.oversize and inst.size() >= inst.max_size):
+                # Drained, or above the cap that resize() lowered (this one not counted
+                # any more: size() >= max_size means it would make one too many).
+                inst.closing += 1
+                return [(inst, conn, "drained" if conn.gen < self.generation
+                         else "resized")], ejection
             conn.idle_since = now
             inst.idle.append(conn)
             if self.waiters and inst.healthy:
@@ -371,11 +515,15 @@ class PoolState:
                     continue
                 inst.closing -= 1
                 inst.closed_total += 1
+                if reason in _LOST:
+                    self.counters.connections_lost += 1
                 if inst not in touched:
                     touched.append(inst)
             if self.waiters:
                 for inst in touched:
                     self._after_capacity_change_locked(inst)
+            if self.drain_waits:
+                self._check_drains_locked()
 
     # -- hand-offs ---------------------------------------------------------------------
 
@@ -542,6 +690,107 @@ class PoolState:
             self.first_answer.set()
         return added, removed, closing
 
+    # -- operator controls: drain, resize ----------------------------------------------
+
+    def drain(self) -> Tuple[int, List[Closing]]:
+        """Start a new generation: every connection opened before is replaced (idle ones
+        returned here to close now, in-use ones closed at checkin, busy ones when they come
+        back).  Returns ``(generation, closing)``."""
+        with self.lock:
+            self.generation += 1
+            generation = self.generation
+            closing: List[Closing] = []
+            for inst in self.instances.values():
+                old = [c for c in inst.idle if c.gen < generation]
+                if old:
+                    inst.idle = [c for c in inst.idle if c.gen >= generation]
+                    inst.closing += len(old)
+                    closing.extend((inst, c, "drained") for c in old)
+            return generation, closing
+
+    def old_connections(self, generation: int) -> int:
+        """Connections opened before ``generation`` still open (or being closed)."""
+        with self.lock:
+            return self._old_left_locked(generation)
+
+    def _old_left_locked(self, generation: int) -> int:
+        left = 0
+        for inst in self.instances.values():
+            for group in (inst.idle, inst.in_use, inst.busy):
+                for conn in group:
+                    if conn.gen < generation:
+                        left += 1
+        # Connections on their way to being closed: the socket is not closed yet.  (Counted
+        # without their generation: a drain waits for every close in flight, a bounded few.)
+        return left + sum(inst.closing for inst in self.instances.values())
+
+    def wait_drain(self, generation: int, event: Any) -> bool:
+        """Register ``event`` to be set when no connection older than ``generation`` is
+        left; False (nothing registered) when that is already so."""
+        with self.lock:
+            if self.closed or not self._old_left_locked(generation):
+                return False
+            self.drain_waits.append((generation, event))
+            return True
+
+    def cancel_drain_wait(self, event: Any) -> None:
+        with self.lock:
+            self.drain_waits = [(g, e) for g, e in self.drain_waits if e is not event]
+
+    def _check_drains_locked(self) -> None:
+        keep: List[Tuple[int, Any]] = []
+        for generation, event in self.drain_waits:
+            if self.closed or not self._old_left_locked(generation):
+                event.set()
+            else:
+                keep.append((generation, event))
+        self.drain_waits = keep
+
+    def resize(self, min_size: Any, max_size: Any) -> Tuple["PoolConfig", List[Closing]]:
+        """Apply new sizes (checked by :meth:`PoolConfig.resized`, ``UNSET`` keeps one):
+        idle connections above a lower cap are returned to close now, in-use ones close at
+        checkin; a higher cap serves waiters at once.  Returns the new config.
+
+        :raises ValueError: naming the invalid option (nothing changed).
+        """
+        closing: List[Closing] = []
+        with self.lock:
+            if self.closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            # Under the lock, so that two resizes at once cannot lose one's change.
+            config = self.config.resized(min_size, max_size)
+            self.config = config
+            max_size = config.max_size
+            oversize = False
+            for inst in self.instances.values():
+                inst.max_size = max_size
+                # The oldest idle connections go first (the bottom of the stack).
+                while inst.idle and inst.size() > max_size:
+                    conn = inst.idle.pop(0)
+                    inst.closing += 1
+                    closing.append((inst, conn, "resized"))
+                if inst.size() - inst.closing > max_size:
+                    oversize = True
+            self.oversize = oversize
+            if self.waiters:
+                for inst in self.ring:
+                    if inst.healthy and not inst.retired:
+                        self._assign_locked(inst)
+        return config, closing
+
+    def check_oversize_locked(self) -> None:
+        """Clear the resize flag once no instance holds more than the cap (watchdog)."""
+        if self.oversize and all(i.size() - i.closing <= i.max_size
+                                 for i in self.instances.values()):
+            self.oversize = False
+
+    def pop_counters(self, reset: bool) -> Dict[str, Any]:
+        with self.lock:
+            counters = self.counters
+            if reset:
+                self.counters = Counters()
+        return counters.as_dict()
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def close(self) -> Tuple[List[Waiter], List[Closing]]:
@@ -563,6 +812,9 @@ class PoolState:
             # Checkouts still out hold their instance; their checkins close the sockets.
             self.instances = {}
             self.ring = ()
+            drains, self.drain_waits = self.drain_waits, []
+        for _, event in drains:
+            event.set()
         self.first_answer.set()  # wake checkouts waiting for discovery's first answer
         return waiters, closing
 

@@ -210,8 +210,11 @@ def test_prometheus_exporter(farm, service):
         text = generate_latest(registry).decode()
     assert f'thriftpool_connections_opened_total{{instance="{server.address}",pool="echo"}} 2.0' \
         in text
-    assert f'thriftpool_checkouts_exhausted_total{{instance="{server.address}",pool="echo"}} 1.0' \
-        in text
+    # The pool's counters, read from pool.stats() (waiters are pool-wide: no instance).
+    assert 'thriftpool_checkouts_exhausted_total{pool="echo"} 1.0' in text
+    assert 'thriftpool_calls_total{pool="echo"} 10.0' in text
+    assert 'thriftpool_checkouts_total{pool="echo"} 12.0' in text
+    assert 'thriftpool_max_size{pool="echo"} 2.0' in text
     assert 'thriftpool_checkout_wait_seconds_count{pool="echo"} 12.0' in text
     assert f'thriftpool_instance_healthy{{instance="{server.address}",pool="echo"}} 1.0' in text
     after = generate_latest(registry).decode()

@@ -6,14 +6,21 @@
     exporter = PrometheusExporter()                 # registers on prometheus_client's REGISTRY
     pool = ThriftPool(service, addresses, listeners=[exporter])
 
-Gauges (read from ``pool.stats()`` at scrape time, so they cost nothing per call):
+Read from ``pool.stats()`` at scrape time, so they cost nothing per call: the gauges
 ``thriftpool_connections{pool,instance,state="idle|in_use|opening"}``,
-``thriftpool_waiting{pool}``, ``thriftpool_instance_healthy{pool,instance}``.
-Counters: ``thriftpool_connections_opened_total{pool,instance}``,
-``thriftpool_connections_closed_total{pool,instance,reason}``,
-``thriftpool_checkouts_exhausted_total{pool,instance}``,
-``thriftpool_instance_ejections_total{pool,instance}``.
-Histogram: ``thriftpool_checkout_wait_seconds{pool}``.
+``thriftpool_waiting{pool}``, ``thriftpool_instance_healthy{pool,instance}``,
+``thriftpool_max_size{pool}``, and the pool's cumulative counters (see
+:meth:`~thriftpool.ThriftPool.stats`; do not call ``pop_stats()`` on a pool the exporter
+reads, it resets them): ``thriftpool_connections_opened_total{pool,instance}``,
+``thriftpool_checkouts_total{pool}``, ``thriftpool_checkouts_waited_total{pool}``,
+``thriftpool_checkout_queue_seconds_total{pool}``,
+``thriftpool_checkouts_exhausted_total{pool}``, ``thriftpool_too_many_waiters_total{pool}``,
+``thriftpool_connect_errors_total{pool}``, ``thriftpool_connections_lost_total{pool}``,
+``thriftpool_calls_total{pool}``, ``thriftpool_call_errors_total{pool}``,
+``thriftpool_in_use_seconds_total{pool}``, ``thriftpool_connect_seconds_total{pool}``.
+Kept from events: the counters ``thriftpool_connections_closed_total{pool,instance,reason}``
+and ``thriftpool_instance_ejections_total{pool,instance}``, and the histogram
+``thriftpool_checkout_wait_seconds{pool}``.
 
 When discovery removes an instance, every series labelled with it is removed too, so a
 fleet whose addresses churn (Kubernetes pods) does not grow the metrics forever; the
@@ -29,9 +36,9 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Dict, Iterator, Optional, Set, Tuple
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .events import ExhaustedEvent, PoolListener
+from .events import PoolListener
 
 if TYPE_CHECKING:
     from .pool import ThriftPool
@@ -43,6 +50,22 @@ __all__ = ["PrometheusExporter"]
 _REMEMBER_REMOVED = 4096
 
 _WAIT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+#: The pool's counters (``stats()`` key, metric name without ``_total``, help, scale).
+_POOL_COUNTERS = (
+    ("checkouts", "checkouts", "Checkouts ended (connections given back).", 1.0),
+    ("checkouts_waited", "checkouts_waited", "Checkouts that queued for a connection.", 1.0),
+    ("wait_ms", "checkout_queue_seconds", "Time checkouts spent queued.", 0.001),
+    ("exhausted", "checkouts_exhausted", "Checkouts that timed out waiting.", 1.0),
+    ("too_many_waiters", "too_many_waiters", "Checkouts refused by max_waiting.", 1.0),
+    ("connect_errors", "connect_errors", "Connects that failed or ran out of time.", 1.0),
+    ("connections_lost", "connections_lost",
+     "Connections closed because they were found broken.", 1.0),
+    ("calls", "calls", "Calls made on checked-out clients and the proxy.", 1.0),
+    ("call_errors", "call_errors", "Calls that raised.", 1.0),
+    ("in_use_ms", "in_use_seconds", "Time connections spent checked out.", 0.001),
+    ("connect_ms", "connect_seconds", "Time spent connecting.", 0.001),
+)
 
 
 class _PoolCollector:
@@ -58,7 +81,7 @@ class _PoolCollector:
     def describe(self) -> Iterator[Any]:
         return iter(())  # unchecked collector: metrics appear with the first pool
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Any]:
         ns = self._namespace
         conns = GaugeMetricFamily(f"{ns}_connections", "Pooled connections by state.",
                                   labels=["pool", "instance", "state"])
@@ -67,18 +90,32 @@ class _PoolCollector:
         healthy = GaugeMetricFamily(f"{ns}_instance_healthy",
                                     "1 if the instance takes traffic, 0 if ejected.",
                                     labels=["pool", "instance"])
+        max_size = GaugeMetricFamily(f"{ns}_max_size", "The per-instance connection cap.",
+                                     labels=["pool"])
+        opened = CounterMetricFamily(f"{ns}_connections_opened", "Connections opened.",
+                                     labels=["pool", "instance"])
+        counters = [(key, scale, CounterMetricFamily(f"{ns}_{name}", help_, labels=["pool"]))
+                    for key, name, help_, scale in _POOL_COUNTERS]
         for pool in list(self._pools):
             if pool.closed:
                 continue
             stats = pool.stats()
             waiting.add_metric([pool.name], stats["waiting"])
+            max_size.add_metric([pool.name], stats["max_size"])
             for key, inst in stats["instances"].items():
                 for state in ("idle", "in_use", "opening"):
                     conns.add_metric([pool.name, key, state], inst[state])
                 healthy.add_metric([pool.name, key], 1 if inst["healthy"] else 0)
+                opened.add_metric([pool.name, key], inst["opened"])
+            for key, scale, family in counters:
+                family.add_metric([pool.name], stats[key] * scale)
         yield conns
         yield waiting
         yield healthy
+        yield max_size
+        yield opened
+        for _, _, family in counters:
+            yield family
 
 
 class PrometheusExporter(PoolListener):
@@ -92,14 +129,9 @@ class PrometheusExporter(PoolListener):
     def __init__(self, registry: Optional[CollectorRegistry] = None,
                  namespace: str = "thriftpool") -> None:
         registry = REGISTRY if registry is None else registry
-        self._opened = Counter(f"{namespace}_connections_opened",
-                               "Connections opened.", ["pool", "instance"], registry=registry)
         self._closed = Counter(f"{namespace}_connections_closed",
                                "Connections closed, by reason.", ["pool", "instance", "reason"],
                                registry=registry)
-        self._exhausted = Counter(f"{namespace}_checkouts_exhausted",
-                                  "Checkouts that timed out waiting.", ["pool", "instance"],
-                                  registry=registry)
         self._ejected = Counter(f"{namespace}_instance_ejections",
                                 "Times an instance was ejected.", ["pool", "instance"],
                                 registry=registry)
@@ -107,7 +139,6 @@ class PrometheusExporter(PoolListener):
                                "Time a checkout waited for a connection.", ["pool"],
                                buckets=_WAIT_BUCKETS, registry=registry)
         self._wait_children: Dict[str, Any] = {}
-        self._opened_children: Dict[Tuple[str, str], Any] = {}
         # Guards the maps below and the removal of label sets (no I/O under it).
         self._lock = threading.Lock()
         # (pool, instance) -> the close reasons it has series for.
@@ -120,16 +151,6 @@ class PrometheusExporter(PoolListener):
 
     def attach_pool(self, pool: "ThriftPool") -> None:
         self._collector.add(pool)
-
-    def connection_opened(self, pool: str, address: str) -> None:
-        key = (pool, address)
-        with self._lock:
-            if key in self._removed:
-                return
-            child = self._opened_children.get(key)
-            if child is None:
-                child = self._opened_children[key] = self._opened.labels(pool, address)
-        child.inc()
 
     def connection_closed(self, pool: str, address: str, reason: str) -> None:
         key = (pool, address)
@@ -145,13 +166,6 @@ class PrometheusExporter(PoolListener):
         if child is None:
             child = self._wait_children[pool] = self._wait.labels(pool)
         child.observe(waited)
-
-    def exhausted(self, pool: str, event: ExhaustedEvent) -> None:
-        with self._lock:
-            if (pool, event.address) in self._removed:
-                return
-            child = self._exhausted.labels(pool, event.address)
-        child.inc()
 
     def instance_ejected(self, pool: str, address: str, reason: str, retry_in: float) -> None:
         with self._lock:
@@ -172,10 +186,8 @@ class PrometheusExporter(PoolListener):
             self._removed.move_to_end(key)
             while len(self._removed) > _REMEMBER_REMOVED:
                 self._removed.popitem(last=False)
-            self._opened_children.pop(key, None)
             reasons = self._reasons.pop(key, set())
-            for metric in (self._opened, self._exhausted, self._ejected):
-                _remove(metric, pool, address)
+            _remove(self._ejected, pool, address)
             for reason in reasons:
                 _remove(self._closed, pool, address, reason)
 

@@ -155,6 +155,16 @@ def control_loop(listener, state):
                         except OSError:
                             pass
                     reply = {"dropped": len(conns)}
+                elif cmd == "peers":
+                    with state.lock:
+                        conns = list(state.conns)
+                    ports = []
+                    for c in conns:
+                        try:
+                            ports.append(c.getpeername()[1])
+                        except OSError:
+                            pass
+                    reply = {"peers": ports}
                 elif cmd == "reset_peak":
                     with state.lock:
                         state.peak = len(state.conns)

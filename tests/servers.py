@@ -102,6 +102,10 @@ class EchoServer:
     def open_connections(self) -> int:
         return self.stats()["open"]
 
+    def peers(self) -> List[int]:
+        """The client-side ports of the connections open on the server now."""
+        return self.command("peers")["peers"]
+
     def drop(self) -> int:
         """Close every client connection from the server side."""
         return self.command("drop")["dropped"]

@@ -248,12 +248,17 @@ def close_all(state: PoolState, closing: List[Closing], events: "Emitter") -> No
     their slots.  The slots are freed even if a close or a listener is interrupted."""
     if not closing:
         return
+    done = 0
     try:
         for inst, conn, reason in closing:
+            done += 1
             conn.close()
             if reason and events:
                 events.emit("connection_closed", inst.key, reason)
     finally:
+        # Interrupted (a listener, a gevent.Timeout): the others are still closed, quietly.
+        for _, conn, _ in closing[done:]:
+            conn.close()
         state.closed_conns(closing)
 
 

@@ -499,3 +499,28 @@ def test_counters_add_up_to_what_the_servers_saw(farm, make_pool):
         with bad.checkout():
             pass
     assert bad.stats()["connect_errors"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_call_events_and_counters_on_both_stacks(stack, farm):
+    (server,) = stack.start(farm, 1)
+    calls = CallRecorder()
+    with thriftpool.ThriftPool(stack.service, [server.address], min_size=0,
+                               listeners=[calls]) as pool:
+        with pool.checkout() as client:
+            assert client.echo("a") == "a"
+            with pytest.raises(stack.EchoError):
+                client.fail("no")
+        assert pool.client().echo("b") == "b"
+        stats = pool.stats()
+    assert [f[1] for f in calls.finished] == ["echo", "fail", "echo"]
+    assert [type(f[2]) for f in calls.finished] == [type(None), stack.EchoError, type(None)]
+    assert (stats["calls"], stats["call_errors"], stats["checkouts"]) == (3, 1, 2)
+    assert server.stats()["calls"] == 3
+    with thriftpool.ThriftPool(stack.service, [server.address], min_size=0) as plain:
+        with plain.checkout() as client:
+            assert type(client) is plain._spec.client_class  # no call listener
+            client.echo("c")
+            with pytest.raises(stack.EchoError):
+                client.fail("no")
+        assert (plain.stats()["calls"], plain.stats()["call_errors"]) == (2, 1)

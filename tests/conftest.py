@@ -103,7 +103,7 @@ def connect_log(monkeypatch):
 
 
 #: Markers of tests whose dependency CI must have: their skips fail there.
-CI_REQUIRED_MARKERS = ("zookeeper", "gevent", "dns", "apache")
+CI_REQUIRED_MARKERS = ("zookeeper", "gevent", "dns", "apache", "promtool")
 
 
 # -- the Apache Thrift stack (tests/stacks.py) ------------------------------------------

@@ -9,7 +9,8 @@
 Read from ``pool.stats()`` at scrape time, so they cost nothing per call: the gauges
 ``thriftpool_connections{pool,instance,state="idle|in_use|opening"}``,
 ``thriftpool_waiting{pool}``, ``thriftpool_instance_healthy{pool,instance}``,
-``thriftpool_max_size{pool}``, and the pool's cumulative counters (see
+``thriftpool_max_size{pool}``, ``thriftpool_discovery_on_snapshot{pool}`` (1 while the
+discovery's ``stats()["source"]`` is ``"snapshot"``), and the pool's cumulative counters (see
 :meth:`~thriftpool.ThriftPool.stats`; do not call ``pop_stats()`` on a pool the exporter
 reads, it resets them): ``thriftpool_connections_opened_total{pool,instance}``,
 ``thriftpool_checkouts_total{pool}``, ``thriftpool_checkouts_waited_total{pool}``,
@@ -92,6 +93,9 @@ class _PoolCollector:
                                     labels=["pool", "instance"])
         max_size = GaugeMetricFamily(f"{ns}_max_size", "The per-instance connection cap.",
                                      labels=["pool"])
+        on_snapshot = GaugeMetricFamily(
+            f"{ns}_discovery_on_snapshot", "1 while discovery serves its snapshot file "
+            "(the registry is unreachable), else 0.", labels=["pool"])
         opened = CounterMetricFamily(f"{ns}_connections_opened", "Connections opened.",
                                      labels=["pool", "instance"])
         counters = [(key, scale, CounterMetricFamily(f"{ns}_{name}", help_, labels=["pool"]))
@@ -102,6 +106,8 @@ class _PoolCollector:
             stats = pool.stats()
             waiting.add_metric([pool.name], stats["waiting"])
             max_size.add_metric([pool.name], stats["max_size"])
+            on_snapshot.add_metric([pool.name], 1 if _discovery_source(pool) == "snapshot"
+                                   else 0)
             for key, inst in stats["instances"].items():
                 for state in ("idle", "in_use", "opening"):
                     conns.add_metric([pool.name, key, state], inst[state])
@@ -113,6 +119,7 @@ class _PoolCollector:
         yield waiting
         yield healthy
         yield max_size
+        yield on_snapshot
         yield opened
         for _, _, family in counters:
             yield family
@@ -190,6 +197,18 @@ class PrometheusExporter(PoolListener):
             _remove(self._ejected, pool, address)
             for reason in reasons:
                 _remove(self._closed, pool, address, reason)
+
+
+def _discovery_source(pool: "ThriftPool") -> Optional[str]:
+    """``stats()["source"]`` of the pool's discovery (``None`` without one)."""
+    stats = getattr(pool._discovery, "stats", None)
+    if not callable(stats):
+        return None
+    try:
+        source = stats().get("source")
+    except Exception:
+        return None
+    return source if isinstance(source, str) else None
 
 
 def _remove(metric: Any, *labels: str) -> None:

@@ -73,6 +73,7 @@ class Router:
         # (a finalizer may run anywhere, even where this thread holds the state lock).
         self.abandoned: Deque[Tuple["InstancePool", Connection]] = deque()
         self.wake: Callable[[], None] = lambda: None  # the watchdog's, set by the pool
+        self.classifier = config.failure_classifier
 
     # -- checkout ----------------------------------------------------------------------
 
@@ -301,6 +302,15 @@ class Router:
     def checkin_discard(self, inst: "InstancePool", conn: Connection, reason: str) -> None:
         self.checkin(inst, conn, reuse=False, used=False, reason=reason)
 
+    def classify(self, exc: BaseException, default: bool) -> bool:
+        """``failure_classifier(exc)``; its own errors are logged and the default used."""
+        assert self.classifier is not None
+        try:
+            return bool(self.classifier(exc))
+        except Exception:
+            logger.exception("pool %r: failure_classifier failed on %r", self.name, exc)
+            return default
+
     def reclaim_abandoned(self) -> None:
         """Check in the connections of checkouts dropped without ``__exit__`` (watchdog)."""
         abandoned = self.abandoned
@@ -378,11 +388,15 @@ class Checkout:
         failed = exc is not None and should_discard(exc) and (
             in_call or isinstance(exc, APPLICATION_ERRORS))
         discard = failed or in_call
+        router = self._router
+        counts = failed and isinstance(exc, Exception)
+        if exc is not None and router.classifier is not None and isinstance(exc, Exception):
+            counts = router.classify(exc, counts)
         assert self._inst is not None
-        self._router.checkin(
+        router.checkin(
             self._inst, conn, reuse=not discard,
-            used=not discard and conn.seqid != self._seqid,  # a call was answered
-            failure=exc if failed and isinstance(exc, Exception) else None,
+            used=not discard and not counts and conn.seqid != self._seqid,  # answered
+            failure=exc if counts else None,
             reason="error" if failed or isinstance(exc, Exception) else "interrupted")
 
     def __del__(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import ssl
 from dataclasses import dataclass
-from typing import Any, FrozenSet, Iterable, Optional, Union
+from typing import Callable, Any, FrozenSet, Iterable, Optional, Union
 
 from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory
@@ -127,6 +127,8 @@ class PoolConfig:
     spec: Optional[ServiceSpec] = None
     subset_size: Optional[int] = None
     subset_key: Union[str, bytes, None] = None
+    max_ejection_percent: int = 50
+    failure_classifier: Optional[Callable[[BaseException], bool]] = None
 
     @classmethod
     def build(
@@ -161,6 +163,8 @@ class PoolConfig:
         server_hostname: Optional[str] = None,
         subset_size: Optional[int] = None,
         subset_key: Union[str, bytes, None] = None,
+        max_ejection_percent: int = 50,
+        failure_classifier: Optional[Callable[[BaseException], bool]] = None,
     ) -> "PoolConfig":
         """Validate the options and freeze them.
 
@@ -244,6 +248,12 @@ class PoolConfig:
                                  f"got {subset_key!r}")
             if subset_size is None:
                 raise ValueError("subset_key needs subset_size")
+        max_ejection_percent = _check_int("max_ejection_percent", max_ejection_percent, 0)
+        if max_ejection_percent > 100:
+            raise ValueError(f"max_ejection_percent must be <= 100, got {max_ejection_percent!r}")
+        if failure_classifier is not None and not callable(failure_classifier):
+            raise ValueError(f"failure_classifier must be callable or None, "
+                             f"got {failure_classifier!r}")
         return cls(
             service=service,
             name=name,
@@ -277,4 +287,6 @@ class PoolConfig:
             spec=spec,
             subset_size=subset_size,
             subset_key=subset_key,
+            max_ejection_percent=max_ejection_percent,
+            failure_classifier=failure_classifier,
         )

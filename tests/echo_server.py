@@ -65,6 +65,12 @@ class Handler:
         return self.name
 
     def fail(self, message):
+        if message == "internal":
+            # Not an IDL exception: TApplicationException INTERNAL_ERROR, as a bad deploy
+            # answers.
+            from thriftpy2.thrift import TApplicationException
+
+            raise TApplicationException(TApplicationException.INTERNAL_ERROR, "a bug")
         raise echo_thrift.EchoError(message=message)
 
     def notify(self, message):

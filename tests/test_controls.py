@@ -435,15 +435,18 @@ def test_call_finished_counts_every_call_of_checkouts_and_the_proxy(farm, make_p
     b.drop()
     t.join(10)
     assert result == [700]
-    made += 2  # the failed attempt and its retry
-    assert len(calls.started) == len(calls.finished) == made
     errors = [f for f in calls.finished if f[2] is not None]
-    assert len(errors) == 4  # 2 + 1 EchoError, 1 transport error
     transport = [f for f in errors if not isinstance(f[2], echo_thrift.EchoError)]
-    assert len(transport) == 1 and transport[0][1] == "sleep" and transport[0][3] is True
+    # The attempt in flight failed; a retry may meet the other server's dropped socket
+    # before its hang-up is seen (a second failed attempt), then one succeeds.
+    assert 1 <= len(transport) <= 2
+    assert all(f[1] == "sleep" and f[3] is True for f in transport)
+    made += len(transport) + 1
+    assert len(calls.started) == len(calls.finished) == made
+    assert len(errors) == 3 + len(transport)  # 2 + 1 EchoError
     assert {f[1] for f in calls.finished} == {"echo", "fail", "notify", "sleep"}
     stats = pool.stats()
-    assert stats["calls"] == made and stats["call_errors"] == 4
+    assert stats["calls"] == made and stats["call_errors"] == len(errors)
     assert_consistent(pool)
 
 

@@ -101,6 +101,7 @@ def test_stats_tell_whether_the_background_threads_run(zk, farm):
     register(zk, server)
     pool = zk.closing(thriftpool.ThriftPool(echo_thrift.Echo, discovery(zk), name="alive"))
     s = pool.stats()
-    assert s["watchdog_alive"] is True
+    assert s["watchdog_alive"] is True and s["discovery_alive"] is True
     pool.close()
-    assert pool.stats()["watchdog_alive"] is False
+    s = pool.stats()
+    assert s["watchdog_alive"] is False and s["discovery_alive"] is False

@@ -148,13 +148,28 @@ class LeastLoaded(RandomBalancer):
     def pick(self, ring: Sequence[InstancePool]) -> Optional[InstancePool]:
         if not ring:
             return None
-        if len(ring) == 1:
+        n = len(ring)
+        if n == 1:
             only = ring[0]
             return only if only.healthy else None
-        a = self._choose(ring)
-        b = self._choose(ring)
-        if b is a:
+        table_ring, cumulative = self._table
+        if ring is not table_ring or cumulative is not None:
+            a = self._choose(ring)
             b = self._choose(ring)
+            if b is a:
+                b = self._choose(ring)
+        else:
+            # Equal weights (the common case): two distinct indices from one random
+            # number, its integer part and its fraction (independent and uniform).
+            r = random.random() * n
+            i = int(r)
+            j = int((r - i) * (n - 1))
+            if j >= i:
+                j += 1
+            a = ring[i]
+            b = ring[j]
+            if a.healthy and b.healthy:
+                return a if len(a.in_use) <= len(b.in_use) else b
         if not a.healthy:
             a = b
         if not b.healthy:

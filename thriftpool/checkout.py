@@ -27,7 +27,7 @@ import traceback
 import weakref
 from collections import deque
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Callable, Deque, Optional, Set, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Set, Tuple, Type
 
 from . import _compat
 from .config import _check_seconds
@@ -36,7 +36,8 @@ from .errors import NoAvailableInstance, PoolClosed, PoolExhausted
 from .calls import call_client_factory
 from .events import CALL_EVENTS, Emitter, ExhaustedEvent
 from .maintenance import close_all, report_ejection, report_restored
-from .state import CONN, NONE, PERMIT, PROBE, WAIT, Grant, PoolState, Reroute
+from .health import Ejection
+from .state import CONN, NONE, PERMIT, PROBE, WAIT, Closing, Grant, PoolState, Reroute
 
 if TYPE_CHECKING:
     from .balancer import Balancer
@@ -78,6 +79,9 @@ class Router:
         # (a finalizer may run anywhere, even where this thread holds the state lock).
         self.abandoned: Deque[Tuple["InstancePool", Connection]] = deque()
         self.wake: Callable[[], None] = lambda: None  # the watchdog's, set by the pool
+        self.classifier = config.failure_classifier
+        # The fast path reports a checkout (events, leak_timeout's stack) only if needed.
+        self.report_checkouts = bool(events) or config.leak_timeout is not None
 
     # -- checkout ----------------------------------------------------------------------
 
@@ -109,9 +113,20 @@ class Router:
             picked = self.balancer.pick(state.ring)
             if picked is not None:
                 conn = state.take_idle(picked)
-                if conn is not None and self._usable(picked, conn):
-                    self._checked_out(picked, conn, now, now)
-                    return picked, conn
+                if conn is not None:
+                    # (_usable, inlined: this is the hot path.)
+                    try:
+                        dead = conn.peer_closed()
+                    except BaseException:
+                        self.checkin_discard(picked, conn, "interrupted")
+                        raise
+                    if not dead and now < conn.expires_at:
+                        if self.report_checkouts:
+                            self._checked_out(picked, conn, now, now)
+                        else:
+                            conn.out_at = now  # the caller's now (counted at checkin)
+                        return picked, conn
+                    self.checkin_discard(picked, conn, "peer_closed" if dead else "expired")
         if state.closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
         return self._route(picked, exclude, now, wait)
@@ -309,14 +324,28 @@ class Router:
         result = self.state.checkin(inst, conn, reuse, used, failure, reason, calls,
                                     call_errors)
         if result is not None:
-            closing, ejection = result
-            try:
-                report_ejection(self.state, inst, ejection, self.events)
-            finally:
-                close_all(self.state, closing, self.events)
+            self.report_checkin(inst, result)
+
+    def report_checkin(self, inst: "InstancePool",
+                       result: Tuple[List[Closing], Optional[Ejection]]) -> None:
+        """After a checkin that closes a connection or ejects: close it, report it."""
+        closing, ejection = result
+        try:
+            report_ejection(self.state, inst, ejection, self.events)
+        finally:
+            close_all(self.state, closing, self.events)
 
     def checkin_discard(self, inst: "InstancePool", conn: Connection, reason: str) -> None:
         self.checkin(inst, conn, reuse=False, used=False, reason=reason)
+
+    def classify(self, exc: BaseException, default: bool) -> bool:
+        """``failure_classifier(exc)``; its own errors are logged and the default used."""
+        assert self.classifier is not None
+        try:
+            return bool(self.classifier(exc))
+        except Exception:
+            logger.exception("pool %r: failure_classifier failed on %r", self.name, exc)
+            return default
 
     def reclaim_abandoned(self) -> None:
         """Check in the connections of checkouts dropped without ``__exit__`` (watchdog)."""
@@ -340,18 +369,16 @@ class Checkout:
     is entered and then dropped without leaving gives its slot back when collected.
     """
 
-    __slots__ = ("_router", "_timeout", "_exclude", "_inst", "_conn", "_client", "_used",
-                 "_seqid", "_failed", "sent")
+    __slots__ = ("_router", "_timeout", "_exclude", "_inst", "_conn", "_client", "_seqid",
+                 "_failed", "sent")
 
-    def __init__(self, router: Router, timeout: Optional[float],
+    def __init__(self, router: Router, timeout: Optional[float] = None,
                  exclude: Optional[Set["InstancePool"]] = None) -> None:
         self._router = router
         self._timeout = timeout
         self._exclude = exclude
         self._inst: Optional["InstancePool"] = None
         self._conn: Optional[Connection] = None
-        self._client: Any = None
-        self._used = False
         self.sent = True
 
     @property
@@ -360,9 +387,8 @@ class Checkout:
         return self._inst
 
     def __enter__(self) -> Any:
-        if self._used:
+        if self._inst is not None:
             raise RuntimeError("a checkout can be entered only once")
-        self._used = True
         router = self._router
         inst, conn = router.checkout(self._timeout, self._exclude)
         self._inst = inst
@@ -383,29 +409,40 @@ class Checkout:
         if conn is None:
             return
         self._conn = None
-        client = self._client
-        if client is not None:
-            client._conn = None
+        self._client._conn = None
         self.sent = conn.sent
-        # in_call: an exception (any, even KeyboardInterrupt) cut a call short, so the
-        # stream holds half a request or an unread reply.  With no call in flight the
-        # stream is intact: an error from the caller's own code (or from another pool's
-        # client used inside this block) says nothing about this connection or instance;
-        # only a server's complete TApplicationException answer may still condemn it.
-        in_call = conn.in_call
-        failed = exc is not None and should_discard(exc) and (
-            in_call or isinstance(exc, APPLICATION_ERRORS))
-        discard = failed or in_call
-        assert self._inst is not None
+        router = self._router
         calls = conn.seqid - self._seqid
         if calls < 0:  # the sequence id wrapped (from 2**31 - 1 to 1)
             calls += 2 ** 31 - 1
-        self._router.checkin(
-            self._inst, conn, reuse=not discard,
-            used=not discard and calls != 0,  # a call was answered
-            failure=exc if failed and isinstance(exc, Exception) else None,
-            reason="error" if failed or isinstance(exc, Exception) else "interrupted",
-            calls=calls, call_errors=conn.failed_calls - self._failed)
+        if exc is None and not conn.in_call:
+            # The common exit: no error, nothing in flight.
+            result = router.state.checkin(self._inst, conn, True,  # type: ignore[arg-type]
+                                          calls != 0, None, "error", calls,
+                                          conn.failed_calls - self._failed)
+        else:
+            # in_call: an exception (any, even KeyboardInterrupt) cut a call short, so the
+            # stream holds half a request or an unread reply.  With no call in flight the
+            # stream is intact: an error from the caller's own code (or from another
+            # pool's client used inside this block) says nothing about this connection or
+            # instance; only a server's complete TApplicationException answer may still
+            # condemn it.
+            in_call = conn.in_call
+            failed = exc is not None and should_discard(exc) and (
+                in_call or isinstance(exc, APPLICATION_ERRORS))
+            discard = failed or in_call
+            counts = failed and isinstance(exc, Exception)
+            if (exc is not None and router.classifier is not None
+                    and isinstance(exc, Exception)):
+                counts = router.classify(exc, counts)
+            result = router.state.checkin(
+                self._inst, conn, not discard,  # type: ignore[arg-type]
+                not discard and not counts and calls != 0,  # answered
+                exc if counts else None,
+                "error" if failed or isinstance(exc, Exception) else "interrupted",
+                calls, conn.failed_calls - self._failed)
+        if result is not None:
+            router.report_checkin(self._inst, result)  # type: ignore[arg-type]
 
     def __del__(self) -> None:
         conn = getattr(self, "_conn", None)
@@ -413,7 +450,7 @@ class Checkout:
             return
         # Entered, never left: the caller dropped the with block (a generator closed
         # mid-way, a frame torn down).  Its state is unknown; the watchdog closes it.
-        client = self._client
+        client = getattr(self, "_client", None)
         if client is not None:
             client._conn = None
         self._conn = None

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import ssl
 from dataclasses import dataclass
-from typing import Any, FrozenSet, Iterable, Optional, Union
+from typing import Callable, Any, FrozenSet, Iterable, Optional, Union
 
 from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory
@@ -130,6 +130,8 @@ class PoolConfig:
     subset_key: Union[str, bytes, None] = None
     max_waiting: int = 0
     leak_timeout: Optional[float] = None
+    max_ejection_percent: int = 50
+    failure_classifier: Optional[Callable[[BaseException], bool]] = None
 
     @classmethod
     def build(
@@ -166,6 +168,8 @@ class PoolConfig:
         subset_key: Union[str, bytes, None] = None,
         max_waiting: int = 0,
         leak_timeout: Optional[float] = None,
+        max_ejection_percent: int = 50,
+        failure_classifier: Optional[Callable[[BaseException], bool]] = None,
     ) -> "PoolConfig":
         """Validate the options and freeze them.
 
@@ -249,6 +253,12 @@ class PoolConfig:
                                  f"got {subset_key!r}")
             if subset_size is None:
                 raise ValueError("subset_key needs subset_size")
+        max_ejection_percent = _check_int("max_ejection_percent", max_ejection_percent, 0)
+        if max_ejection_percent > 100:
+            raise ValueError(f"max_ejection_percent must be <= 100, got {max_ejection_percent!r}")
+        if failure_classifier is not None and not callable(failure_classifier):
+            raise ValueError(f"failure_classifier must be callable or None, "
+                             f"got {failure_classifier!r}")
         return cls(
             service=service,
             name=name,
@@ -284,6 +294,8 @@ class PoolConfig:
             subset_key=subset_key,
             max_waiting=_check_int("max_waiting", max_waiting, 0),
             leak_timeout=_check_seconds("leak_timeout", leak_timeout, allow_none=True),
+            max_ejection_percent=max_ejection_percent,
+            failure_classifier=failure_classifier,
         )
 
     def resized(self, min_size: Any = UNSET, max_size: Any = UNSET) -> "PoolConfig":

@@ -87,13 +87,18 @@ class Health:
         self.last_attempt_at = now
         return self.eject(now, error, "connect failed")
 
-    def call_failed(self, now: float, error: Optional[BaseException]) -> Optional[Ejection]:
+    def call_failed(self, now: float, error: Optional[BaseException],
+                    may_eject: bool = True) -> Optional[Ejection]:
         """A call failed in a way that counts against the instance; ejects after
-        ``failure_threshold`` in a row while healthy."""
+        ``failure_threshold`` in a row while healthy, unless ``may_eject`` is False (the
+        pool's ejection cap is reached: the streak starts over instead)."""
         self.errors += 1
         if self.state is HealthState.HEALTHY and self.errors >= self.threshold:
+            if not may_eject:
+                self.errors = 0
+                return None
             return self.eject(now, error,
-                              f"{self.errors} calls in a row failed with transport errors")
+                              f"{self.errors} calls in a row failed")
         return None
 
     def call_succeeded(self) -> None:

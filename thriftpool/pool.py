@@ -17,7 +17,7 @@ import threading
 import warnings
 import weakref
 from types import ModuleType, TracebackType  # noqa: F401
-from typing import Any, Dict, Iterable, List, Optional, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Type, Union
 
 from . import _compat
 from .address import AddressLike, Endpoint
@@ -169,6 +169,15 @@ class ThriftPool:
         ``connection_leaked``); the connection is never taken from its holder.  With it set
         each checkout records its stack, and :class:`ExhaustedEvent` lists the oldest
         holders; ``None`` (the default) records nothing.
+    :param max_ejection_percent: at most this share of the instances may be ejected for
+        failing calls at once (at least one always may), as Envoy's outlier detection
+        caps it; past the cap, an instance stays in rotation.  Failed connects (nothing
+        listening) are not capped.
+    :param failure_classifier: ``callable(exception) -> bool``: whether a call's exception
+        counts against its instance (towards ``failure_threshold``).  By default only
+        transport and protocol failures do; e.g. return True for a
+        ``TApplicationException`` INTERNAL_ERROR to eject a bad deploy.  It decides
+        ejection only: whether the connection is reused still depends on the stream.
     :raises ValueError: naming the option, when an option or an address is invalid.
     """
 
@@ -209,6 +218,8 @@ class ThriftPool:
         subset_key: Union[str, bytes, None] = None,
         max_waiting: int = 0,
         leak_timeout: Optional[float] = None,
+        max_ejection_percent: int = 50,
+        failure_classifier: Optional[Callable[[BaseException], bool]] = None,
     ) -> None:
         self._closed = True  # until fully built, so __del__ and close() are safe
         spec = describe_service(service)  # one stack per pool; ValueError for others
@@ -230,7 +241,8 @@ class ThriftPool:
             heartbeat=heartbeat, heartbeat_interval=heartbeat_interval, retries=retries,
             idempotent=idempotent, retry_budget=retry_budget, ssl_context=ssl_context,
             server_hostname=server_hostname, subset_size=subset_size, subset_key=subset_key,
-            max_waiting=max_waiting, leak_timeout=leak_timeout)
+            max_waiting=max_waiting, leak_timeout=leak_timeout,
+            max_ejection_percent=max_ejection_percent, failure_classifier=failure_classifier)
         if discovery is None:
             raise ValueError("discovery must be a Discovery or a list of addresses")
         if not isinstance(discovery, Discovery):

@@ -482,7 +482,7 @@ class PoolState:
                     counters.call_errors += call_errors
             health = inst.health
             if failure is not None:
-                ejection = health.call_failed(now, failure)
+                ejection = health.call_failed(now, failure, self._may_eject_locked(inst))
                 if ejection is not None:
                     inst.healthy = health.serving
                     self._note_ejection_locked(inst, ejection)
@@ -569,6 +569,17 @@ class PoolState:
         if self.waiters and not any(i.healthy and not i.retired for i in self.ring):
             self._reroute_waiters_locked()
 
+    def _may_eject_locked(self, inst: InstancePool) -> bool:
+        """The ejection cap (``max_ejection_percent``, at least one): may ``inst`` be
+        ejected for failing calls now?  Ejected instances of the ring count, whatever
+        ejected them; connect failures themselves are never capped."""
+        ring = self.ring if self.subsetter is None else self.ranked
+        if inst.health.errors + 1 < inst.health.threshold:
+            return True  # not at the threshold: nothing to decide
+        ejected = sum(1 for i in ring if not i.healthy and not i.retired)
+        cap = max(1, len(ring) * self.config.max_ejection_percent // 100)
+        return ejected < cap
+
     def _resubset_locked(self) -> None:
         """Members: the first ``subset_size`` healthy instances in rank (an ejected member
         is replaced by the next one while it is out); with none healthy, the first
@@ -626,7 +637,8 @@ class PoolState:
         """A failure that counts against ``inst`` without a connection to check in (a
         heartbeat's, already handled as a discard)."""
         with self.lock:
-            ejection = inst.health.call_failed(_compat.monotonic(), error)
+            ejection = inst.health.call_failed(_compat.monotonic(), error,
+                                               self._may_eject_locked(inst))
             if ejection is not None:
                 inst.healthy = inst.health.serving
                 self._note_ejection_locked(inst, ejection)

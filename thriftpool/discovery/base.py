@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 from ..address import Endpoint
 
@@ -31,6 +31,12 @@ class Discovery(abc.ABC):
     @abc.abstractmethod
     def stop(self) -> None:
         """Stop delivering snapshots and release resources; idempotent."""
+
+    @property
+    def alive(self) -> Optional[bool]:
+        """Whether the discovery's own background thread runs; ``None`` for a discovery
+        without one.  Shown by the pool's ``stats()["discovery_alive"]``."""
+        return None
 
     def after_fork(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Called in a forked child before the pool restarts discovery (default: nothing)."""

@@ -244,6 +244,12 @@ class DnsDiscovery(Discovery):
 
     # -- inspection --------------------------------------------------------------------
 
+    @property
+    def alive(self) -> bool:
+        """Its background thread runs (read by the pool's ``stats()``)."""
+        worker = self._worker
+        return worker is not None and worker.is_alive()
+
     def stats(self) -> Dict[str, Any]:
         """What discovery knows now.
 

@@ -315,6 +315,12 @@ class ZooKeeperDiscovery(Discovery):
         client = self._client
         return client is not None and client.connected
 
+    @property
+    def alive(self) -> bool:
+        """Its background thread runs (read by the pool's ``stats()``)."""
+        worker = self._worker
+        return worker is not None and worker.is_alive()
+
     def stats(self) -> Dict[str, Any]:
         """What discovery knows now.
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import ssl
-from dataclasses import dataclass
-from typing import Any, FrozenSet, Iterable, Optional, Union
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, FrozenSet, Iterable, Mapping, Optional, Union
 
 from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory
@@ -33,6 +34,9 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
+
+#: The default ``max_message_size``: 64 MiB.
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 TRANSPORTS = {"buffered": TBufferedTransportFactory, "framed": TFramedTransportFactory}
 PROTOCOLS = {"binary": TBinaryProtocolFactory, "compact": TCompactProtocolFactory}
@@ -121,6 +125,9 @@ class PoolConfig:
     retry_budget: float
     ssl_context: Optional[ssl.SSLContext]
     server_hostname: Optional[str]
+    #: ``{method: seconds or None}``, read-only; methods not in it use ``socket_timeout``.
+    method_timeouts: Mapping[str, Optional[float]] = field(hash=False)
+    max_message_size: Optional[int]
 
     @classmethod
     def build(
@@ -153,6 +160,8 @@ class PoolConfig:
         retry_budget: float = 0.2,
         ssl_context: Optional[ssl.SSLContext] = None,
         server_hostname: Optional[str] = None,
+        method_timeouts: Optional[Mapping[str, Optional[float]]] = None,
+        max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> "PoolConfig":
         """Validate the options and freeze them.
 
@@ -248,4 +257,23 @@ class PoolConfig:
             retry_budget=_check_fraction("retry_budget", retry_budget, 1.0),
             ssl_context=ssl_context,
             server_hostname=server_hostname,
+            method_timeouts=_check_method_timeouts(method_timeouts, methods),
+            max_message_size=None if max_message_size is None else _check_int(
+                "max_message_size", max_message_size, 1),
         )
+
+
+def _check_method_timeouts(value: Any, methods: Iterable[str]
+                           ) -> Mapping[str, Optional[float]]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ValueError(f"method_timeouts must be a mapping of method name to seconds, "
+                         f"got {value!r}")
+    known = set(methods)
+    unknown = sorted(str(m) for m in value if m not in known)
+    if unknown:
+        raise ValueError(f"method_timeouts names methods the service lacks: {unknown}")
+    return MappingProxyType({
+        name: _check_seconds(f"method_timeouts[{name!r}]", seconds, allow_none=True)
+        for name, seconds in value.items()})

@@ -514,18 +514,15 @@ class InstancePool:
         """Call the ``heartbeat`` method on an idle connection; a failure discards it."""
         config = self._config
         client = client_class(config.service)(config.service, conn)
-        sock = conn.socket.sock
         # The pool's one watchdog thread must not wait on a hung server for socket_timeout
         # (None: forever, and close() could not stop the thread): a ping on an idle
         # connection is one round trip with no work, like a connect, so it gets at most
-        # connect_timeout.
+        # connect_timeout, for the whole call.
         beat_timeout = config.connect_timeout if config.socket_timeout is None \
             else min(config.socket_timeout, config.connect_timeout)
         try:
-            if sock is not None:
-                sock.settimeout(beat_timeout)
-            client._req(config.heartbeat)  # type: ignore[arg-type]
-            conn.set_call_timeout(config.socket_timeout)
+            with conn.call_timeout(beat_timeout):
+                client._req(config.heartbeat)  # type: ignore[arg-type]
         except Exception as exc:
             logger.info("pool %r: heartbeat %s() to %s failed: %s", self._pool_name,
                         self._config.heartbeat, self.key, exc)

@@ -7,14 +7,14 @@ import os
 import ssl
 import weakref
 from types import ModuleType, TracebackType
-from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Type, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Type, Union
 
 from thriftpy2.thrift import TApplicationException
 
 from . import _compat
 from .address import Address, AddressLike, Endpoint
 from .balancer import Balancer, make_balancer
-from .config import UNSET, PoolConfig, _check_seconds
+from .config import DEFAULT_MAX_MESSAGE_SIZE, UNSET, PoolConfig, _check_seconds
 from .connection import Connection, PooledClient, client_class, is_connect_error, should_discard
 from .discovery.base import Discovery
 from .discovery.static import StaticDiscovery
@@ -79,7 +79,15 @@ class ThriftPool:
     :param lifetime_jitter: each connection's lifetime is shortened by a random fraction
         up to this much, so connections opened together do not expire together.
     :param connect_timeout: seconds to wait for a TCP connect.
-    :param socket_timeout: seconds a call may wait on the socket; ``None`` waits forever.
+    :param socket_timeout: seconds a whole call may take, from its first request byte to
+        the last byte of its reply, however the server spaces its bytes; ``None`` waits
+        forever.  Inside a :func:`thriftpool.deadline` block a call takes the smaller of
+        this and the time left.
+    :param method_timeouts: ``{"method": seconds}``: the call timeout of the methods named
+        (``None``: no timeout), instead of ``socket_timeout``.
+    :param max_message_size: largest reply, in bytes, a call will read (default 64 MiB);
+        frame, string and container lengths above it are refused before anything is
+        allocated for them; ``None`` lifts the limit.
     :param transport: ``"buffered"`` or ``"framed"``, or a thriftpy2 transport factory.
     :param protocol: ``"binary"`` or ``"compact"``, or a thriftpy2 protocol factory.
     :param on_exhausted: called with an :class:`ExhaustedEvent` each time a checkout times
@@ -145,6 +153,8 @@ class ThriftPool:
         listeners: Iterable[PoolListener] = (),
         ssl_context: Optional[ssl.SSLContext] = None,
         server_hostname: Optional[str] = None,
+        method_timeouts: Optional[Mapping[str, Optional[float]]] = None,
+        max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self._closed = True  # until fully built, so __del__ and close() are safe
         if not isinstance(service, type) and not isinstance(service, ModuleType) \
@@ -164,7 +174,8 @@ class ThriftPool:
             backoff_jitter=backoff_jitter, failure_threshold=failure_threshold,
             heartbeat=heartbeat, heartbeat_interval=heartbeat_interval, retries=retries,
             idempotent=idempotent, retry_budget=retry_budget, ssl_context=ssl_context,
-            server_hostname=server_hostname)
+            server_hostname=server_hostname, method_timeouts=method_timeouts,
+            max_message_size=max_message_size)
         if discovery is None:
             raise ValueError("discovery must be a Discovery or a list of addresses")
         if not isinstance(discovery, Discovery):

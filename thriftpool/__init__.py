@@ -15,9 +15,11 @@ from __future__ import annotations
 from .address import Address, Endpoint, parse_address
 from .balancer import Balancer, LeastLoaded, RandomBalancer, RoundRobin
 from .config import PoolConfig
+from .deadlines import Deadline, deadline
 from .discovery import Discovery, DiscoveryListener, StaticDiscovery, ZooKeeperDiscovery
 from .errors import (
     ClientReleased,
+    DeadlineExceeded,
     NoAvailableInstance,
     PoolClosed,
     PoolExhausted,
@@ -37,6 +39,8 @@ __all__ = [
     "Checkout",
     "ClientProxy",
     "ClientReleased",
+    "Deadline",
+    "DeadlineExceeded",
     "Discovery",
     "DiscoveryListener",
     "Endpoint",
@@ -58,6 +62,7 @@ __all__ = [
     "ThriftPool",
     "ThriftPoolError",
     "ZooKeeperDiscovery",
+    "deadline",
     "parse_address",
     "serve",
 ]

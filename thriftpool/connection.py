@@ -382,9 +382,10 @@ class WireBounds:
     ``TSocket.setHandle``).
 
     Errors: a timeout raises ``socket.timeout``; a reply over the limit or asking past
-    its frame raises :meth:`_protocol_error`; a fresh TLS session that the server
-    rejects at the first read (TLS 1.3 reports a refused client certificate only then)
-    raises :meth:`_not_open`.  Subclasses for another Thrift library override those two.
+    its frame raises :meth:`_protocol_error`; a TLS error before the first byte of the
+    first reply (TLS 1.3 reports a refused client certificate only at the first read or
+    write after the handshake) raises :meth:`_not_open`.  Subclasses for another Thrift
+    library override those two.
     """
 
     sock: Any
@@ -409,7 +410,8 @@ class WireBounds:
         :param timeout: the default per-call timeout (seconds, ``None``: never).
         :param limit: the largest reply in bytes (``None``: no limit).
         :param framed: replies come in Thrift frames (a 4-byte length first).
-        :param tls: ``sock`` is an ``ssl.SSLSocket``: watch its first read for an alert.
+        :param tls: ``sock`` is an ``ssl.SSLSocket``: a TLS error before the first reply
+            byte is a refused session (see :meth:`_rejected`).
         """
         self._kernel = _kernel_timeouts_possible(tls)
         self._limit = limit
@@ -484,10 +486,8 @@ class WireBounds:
         except BlockingIOError as exc:  # SO_RCVTIMEO expired
             raise socket.timeout("timed out") from exc
         except ssl.SSLError as exc:
-            if self._fresh and "ALERT" in str(getattr(exc, "reason", "") or ""):
-                raise self._not_open(
-                    f"TLS session with {self._peer} rejected by the server at the first "
-                    f"read (before any request was read): {exc}") from exc
+            if self._fresh:
+                raise self._rejected(exc, "read") from exc
             raise
         if self._fresh and data:
             self._fresh = False
@@ -554,6 +554,10 @@ class WireBounds:
                 self._send_rest(memoryview(data), sent)
         except BlockingIOError as exc:  # SO_SNDTIMEO expired
             raise socket.timeout("timed out") from exc
+        except ssl.SSLError as exc:
+            if self._fresh:
+                raise self._rejected(exc, "write") from exc
+            raise
 
     def _send_rest(self, view: memoryview, sent: int) -> None:
         sock = self.sock
@@ -568,6 +572,15 @@ class WireBounds:
                         raise socket.timeout("timed out")
                     self._arm(left, False, True)
             sent += sock.send(view[sent:])
+
+    def _rejected(self, exc: ssl.SSLError, step: str) -> Exception:
+        # TLS 1.3 completes the client's side of the handshake before the server has
+        # checked the client's certificate; a refusal arrives as an alert (or an EOF) at
+        # the first read or write.  The server's application never saw a byte of the
+        # request: to the pool, that is a failed connect.
+        return self._not_open(
+            f"TLS session with {self._peer} rejected by the server at the first {step} "
+            f"(before any request was read): {exc}")
 
     def _protocol_error(self, kind: int, message: str) -> Exception:
         return _protocol_error(kind, message)

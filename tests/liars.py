@@ -17,7 +17,8 @@ for the binary and compact protocols and the buffered and framed transports:
   a list claiming 2**31 - 1 elements;
 - ``deep``: the result's exception struct nested 100,000 deep;
 - ``unknown_type``: the right name and sequence id, message type 7;
-- ``trickle``: an honest reply, one byte every ``trickle_interval`` seconds.
+- ``trickle``: an honest reply, one byte every ``trickle_interval`` seconds;
+- ``stall_close``: nothing for ``trickle_interval`` seconds, then the server hangs up.
 
 After a lie the server waits for the client to close the connection and counts it in
 ``closes_seen``: the proof that the client discarded the connection.
@@ -31,7 +32,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Deque, List, Optional
+from typing import Any, Deque, List, Optional, Tuple
 
 from thriftpy2.protocol.binary import TBinaryProtocol
 from thriftpy2.protocol.compact import TCompactProtocol
@@ -44,6 +45,7 @@ from servers import echo_thrift
 
 LIES = ("garbage", "http", "truncated", "string_len", "string_1g", "negative_len",
         "list_len", "deep", "unknown_type", "trickle")
+OTHER_LIES = ("stall_close",)
 FRAMED_LIES = ("frame_len", "frame_negative")
 
 _VERSION_1 = -2147418112  # 0x80010000
@@ -146,6 +148,8 @@ class LiarServer:
         self.requests = 0
         self.lies_told = 0
         self.closes_seen = 0
+        #: (what, time.monotonic()) for every lie told and every close seen, in order.
+        self.events: List[Tuple[str, float]] = []
         self._conns: List[socket.socket] = []
         self._threads: List[threading.Thread] = []
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -236,6 +240,7 @@ class LiarServer:
                     continue
                 with self._lock:
                     self.lies_told += 1
+                    self.events.append((lie, time.monotonic()))
                 self._tell(conn, lie, name, seqid, args)
                 self._wait_for_close(conn)
                 return
@@ -266,7 +271,7 @@ class LiarServer:
         if lie == "http":
             return (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
                     b"Content-Length: 11\r\n\r\nBad Request")
-        if lie in ("truncated", "trickle"):
+        if lie in ("truncated", "trickle", "stall_close"):
             return self._frame(self._honest(name, seqid, args))
         if lie == "frame_len":
             return struct.pack("!i", 2 ** 31 - 1) + self._honest(name, seqid, args)[:20]
@@ -292,6 +297,9 @@ class LiarServer:
         try:
             if lie == "truncated":
                 conn.sendall(data[:len(data) // 2])
+                conn.shutdown(socket.SHUT_WR)
+            elif lie == "stall_close":
+                select.select([conn], [], [], self.trickle_interval)
                 conn.shutdown(socket.SHUT_WR)
             elif lie == "trickle":
                 for i in range(len(data)):
@@ -321,3 +329,4 @@ class LiarServer:
     def _saw_close(self) -> None:
         with self._lock:
             self.closes_seen += 1
+            self.events.append(("close", time.monotonic()))

@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set
 
 from .connection import should_discard
+from .errors import DeadlineExceeded
 from .pool import Checkout
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ def invoke(pool: "ThriftPool", api: str, args: Any, kwargs: Any) -> Any:
                 return client._req(api, *args, **kwargs)
         except Exception as exc:
             if (attempt >= config.retries or checkout._inst is None
-                    or not should_discard(exc)
+                    or not should_discard(exc) or isinstance(exc, DeadlineExceeded)
                     or (checkout.sent and api not in config.idempotent)
                     or not budget.withdraw()):
                 raise

@@ -91,11 +91,11 @@ def connect_log(monkeypatch):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """In CI (``CI`` set), a ZooKeeper or gevent test that skips fails instead: a missing
-    dependency must never pass silently."""
+    """In CI (``CI`` set), a ZooKeeper, gevent or Apache Thrift test that skips fails
+    instead: a missing dependency must never pass silently."""
     outcome = yield
     report = outcome.get_result()
     if (report.skipped and os.environ.get("CI")
-            and ("zookeeper" in item.keywords or "gevent" in item.keywords)):
+            and any(m in item.keywords for m in ("zookeeper", "gevent", "apache"))):
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} skipped in CI; its dependency is missing"

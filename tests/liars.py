@@ -234,9 +234,13 @@ class LiarServer:
                     self.requests += 1
                     lie = self._lies.popleft() if self._lies else None
                 if lie is None:
-                    if name == "sleep":
-                        time.sleep(args.ms / 1000.0)
-                    conn.sendall(self._frame(self._honest(name, seqid, args)))
+                    if name == "sleep" and self._stopped.wait(args.ms / 1000.0):
+                        return
+                    try:
+                        conn.sendall(self._frame(self._honest(name, seqid, args)))
+                    except OSError:
+                        self._saw_close()  # the client gave up and closed
+                        return
                     continue
                 with self._lock:
                     self.lies_told += 1

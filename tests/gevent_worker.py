@@ -127,6 +127,38 @@ def scenario_exhausted(args: dict) -> dict:
             "live_greenlets": live_greenlets()}
 
 
+def scenario_deadline(args: dict) -> dict:
+    """Each greenlet has its own deadline; a call cut by one yields to the hub; a name is
+    resolved through gevent's resolver within connect_timeout."""
+    ticker = Ticker()
+    host, port = args["addresses"][0].rsplit(":", 1)
+    pool = thriftpool.ThriftPool(echo_thrift.Echo, [f"localhost:{port}"], min_size=0,
+                                 max_size=4, socket_timeout=5.0)
+    proxy = pool.client()
+    out: dict = {}
+
+    def bounded() -> None:
+        started = time.monotonic()
+        try:
+            with thriftpool.deadline(0.3):
+                proxy.sleep(1500)
+            out["bounded"] = "returned"
+        except thriftpool.DeadlineExceeded as exc:
+            out["bounded"] = type(exc).__name__
+        out["bounded_elapsed"] = time.monotonic() - started
+
+    def unbounded() -> None:
+        gevent.sleep(0.05)  # starts while the other greenlet's deadline is in force
+        out["unbounded_deadline"] = thriftpool.deadlines.current() is None
+        out["unbounded"] = proxy.sleep(600)
+
+    gevent.joinall([gevent.spawn(bounded), gevent.spawn(unbounded)], timeout=20)
+    pool.close()
+    ticker.stop()
+    out["max_gap"] = ticker.max_gap
+    return out
+
+
 def main() -> None:
     scenario = globals()["scenario_" + sys.argv[1]]
     args = json.loads(sys.argv[2])

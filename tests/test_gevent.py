@@ -102,3 +102,15 @@ def test_gevent_wsgi_example_under_concurrent_requests(farm):
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+@pytest.mark.timeout(60)
+def test_deadlines_follow_each_greenlet(farm):
+    server = farm.one()
+    result = run_scenario("deadline", addresses=[server.address])
+    assert result["bounded"] == "DeadlineExceeded"
+    assert 0.25 <= result["bounded_elapsed"] < 0.8, result
+    assert result["unbounded_deadline"] is True  # the other greenlet's deadline is not its
+    assert result["unbounded"] == 600
+    assert result["max_gap"] < 0.5
+

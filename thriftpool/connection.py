@@ -346,6 +346,11 @@ DEPTH_LIMIT = getattr(TProtocolException, "DEPTH_LIMIT", 6)
 _monotonic = time.monotonic
 
 
+def _near(wanted: float, held: Optional[float]) -> bool:
+    """A socket holding ``held`` times out no earlier, and at most _SLACK later."""
+    return held is not None and wanted <= held <= wanted + _SLACK
+
+
 def _timeval(seconds: Optional[float]) -> bytes:
     if seconds is None:
         return struct.pack("@ll", 0, 0)  # a zero timeval: never time out
@@ -396,11 +401,12 @@ class WireBounds:
     _ends = _INF  # monotonic deadline of the current call
     _limit: Optional[int] = None
     _framed = False
-    _checked = False  # _limit or _framed: count the reply's bytes
     _seen = 0  # bytes of the current call's reply received so far
+    _room: float = _INF  # ... and how many it may have: the limit, or the frame's end
     _frame_end = -1  # where the reply's frame ends (framed), once its header is read
     _head = b""  # a frame header split over reads
     _fresh = False  # TLS: nothing received yet on this connection
+    _eof_raises = False  # EOF raises TTransportException (a transport) or reads b"" (a socket)
     _peer = ""
 
     def bound(self, timeout: Optional[float], limit: Optional[int] = None,
@@ -416,10 +422,11 @@ class WireBounds:
         self._kernel = _kernel_timeouts_possible(tls)
         self._limit = limit
         self._framed = framed
-        self._checked = framed or limit is not None
         self._fresh = tls
         self._peer = peer
         self.force_timeout(timeout)
+        self.begin(timeout)
+        self._ends = _INF  # no call yet
 
     def force_timeout(self, seconds: Optional[float]) -> None:
         """Set the socket's timeout now, whatever the wire believes it holds."""
@@ -452,12 +459,20 @@ class WireBounds:
     def begin(self, timeout: Optional[float]) -> None:
         """Start a call that may take ``timeout`` seconds in all (``None``: no bound)."""
         if timeout != self._rcv or timeout != self._snd:
-            self._arm(timeout, True, True)
+            # A socket timeout up to _SLACK longer is as good (a deadline that leaves a
+            # hair less than the usual timeout costs no system call).
+            if timeout is None or not (_near(timeout, self._rcv) and _near(timeout, self._snd)):
+                self._arm(timeout, True, True)
         self._ends = _INF if timeout is None else _monotonic() + timeout
-        if self._checked:
-            self._seen = 0
+        self._seen = 0
+        if self._framed:
+            self._room = 4  # the frame header, then (see _past_room) the whole frame
             self._frame_end = -1
             self._head = b""
+        else:
+            limit = self._limit
+            self._room = _INF if limit is None else limit
+            self._frame_end = 0
 
     def time_left(self) -> Optional[float]:
         """Seconds left in the current call (``None``: unbounded)."""
@@ -465,7 +480,8 @@ class WireBounds:
         return None if ends == _INF else ends - _monotonic()
 
     def _recv(self, n: int) -> bytes:
-        """Receive up to ``n`` bytes within the current call's deadline; ``b""`` at EOF."""
+        """Receive up to ``n`` bytes within the current call's deadline; at EOF ``b""``
+        (or ``TTransportException(END_OF_FILE)`` when ``_eof_raises``)."""
         ends = self._ends
         if ends != _INF:
             left = ends - _monotonic()
@@ -476,11 +492,8 @@ class WireBounds:
                 self._arm(left, True, False)
         if n > _RECV_MAX:
             n = self._clip(n)
-        if self._framed and 0 <= self._frame_end <= self._seen:
-            raise self._protocol_error(
-                TProtocolException.INVALID_DATA,
-                f"the reply from {self._peer} asks for more bytes than its frame of "
-                f"{self._frame_end - 4} holds")
+        if self._seen >= self._room:  # the reply wants more than it may have
+            raise self._no_room()
         try:
             data: bytes = self.sock.recv(n)
         except BlockingIOError as exc:  # SO_RCVTIMEO expired
@@ -489,10 +502,16 @@ class WireBounds:
             if self._fresh:
                 raise self._rejected(exc, "read") from exc
             raise
-        if self._fresh and data:
-            self._fresh = False
-        if self._checked and data:
-            self._count(data)
+        if data:
+            seen = self._seen + len(data)
+            self._seen = seen
+            if seen > self._room or self._frame_end == -1:
+                self._past_room(data)
+            if self._fresh:
+                self._fresh = False
+        elif self._eof_raises:
+            raise TTransportException(type=TTransportException.END_OF_FILE,
+                                      message="TSocket read 0 bytes")
         return data
 
     def _clip(self, n: int) -> int:
@@ -507,27 +526,39 @@ class WireBounds:
                 f"than max_message_size ({limit})")
         return _RECV_MAX
 
-    def _count(self, data: bytes) -> None:
-        seen = self._seen + len(data)
-        self._seen = seen
+    def _no_room(self) -> Exception:
         if self._framed:
-            end = self._frame_end
-            if end < 0:
-                if seen < 4:
-                    self._head += data
-                    return
-                header = (self._head + data[:4])[:4] if self._head else data[:4]
-                end = self._frame_end = 4 + self._frame_size(header)
-            if seen > end:
-                raise self._protocol_error(
-                    TProtocolException.INVALID_DATA,
-                    f"{seen - end} unexpected bytes from {self._peer} after the reply's frame")
-            return
-        limit = self._limit
-        if limit is not None and seen > limit:
-            raise self._protocol_error(
-                TProtocolException.SIZE_LIMIT,
-                f"the reply from {self._peer} is longer than max_message_size ({limit})")
+            return self._protocol_error(
+                TProtocolException.INVALID_DATA,
+                f"the reply from {self._peer} asks for more bytes than its frame of "
+                f"{self._frame_end - 4} holds")
+        return self._too_long()
+
+    def _too_long(self) -> Exception:
+        return self._protocol_error(
+            TProtocolException.SIZE_LIMIT,
+            f"the reply from {self._peer} is longer than max_message_size ({self._limit})")
+
+    def _past_room(self, data: bytes) -> None:
+        """Bytes of a frame header (framed), or more bytes than the reply may have: too
+        long (unframed), or past the end of its frame."""
+        seen = self._seen
+        if not self._framed:
+            raise self._too_long()
+        if self._frame_end == -1:
+            if seen < 4:
+                self._head += data
+                return
+            # The header is complete: the frame's size sets the room.
+            header = (self._head + data)[:4] if self._head else data[:4]
+            self._head = b""
+            self._frame_end = self._room = 4 + self._frame_size(header)
+            if seen <= self._room:
+                return
+        raise self._protocol_error(
+            TProtocolException.INVALID_DATA,
+            f"{seen - self._frame_end} unexpected bytes from {self._peer} after the reply's "
+            f"frame")
 
     def _frame_size(self, header: bytes) -> int:
         size = int.from_bytes(header, "big", signed=True)
@@ -792,15 +823,11 @@ class BoundedTSocket(WireBounds, TSocket):
                     message=f"TLS handshake with {where} failed: {exc}") from exc
         self.sock = sock
 
-    def read(self, sz: int) -> bytes:
-        data = self._recv(sz)
-        if not data:
-            raise TTransportException(type=TTransportException.END_OF_FILE,
-                                      message="TSocket read 0 bytes")
-        return data
-
-    def write(self, buf: bytes) -> None:
-        self._send(buf)
+    # thriftpy2's transports call read() and write(): the wire's own, with no frame
+    # in between (EOF raises, as thriftpy2's TSocket.read does).
+    _eof_raises = True
+    read = WireBounds._recv  # type: ignore[assignment]
+    write = WireBounds._send  # type: ignore[assignment]
 
 
 class BoundedCompactProtocol(TCompactProtocol):

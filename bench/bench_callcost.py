@@ -1,0 +1,163 @@
+"""Client CPU per call, pinned: one client thread on CPU 0, one echo server on CPU 1.
+
+Measures ``time.process_time()`` per 16-byte ``echo`` call (the client process's CPU,
+so the server's work and the machine's other load on CPU 1 do not count) for:
+
+- ``raw``: a persistent thriftpy2 client (Cython buffered transport and binary codec);
+- ``tp_checkout``: ``with pool.checkout() as c: c.echo(...)``;
+- ``tp_client``: ``pool.client().echo(...)``;
+- ``tp_deadline``: ``tp_client`` inside ``with thriftpool.deadline(5):`` per call (only
+  when the thriftpool under test has ``deadline``).
+
+``--compare OTHER_TREE`` runs the same measurement with the thriftpool package of
+another source tree (e.g. a ``git archive`` of the previous commit) in alternating child
+processes, so both sets of numbers come from the same minutes of the same machine.
+Bounded: ``--calls`` per measurement, ``--reps`` measurements per kind, ``--rounds``.
+
+Run from the repository root::
+
+    python bench/bench_callcost.py
+    git archive HEAD~1 thriftpool | (mkdir -p /tmp/base && tar -x -C /tmp/base)
+    python bench/bench_callcost.py --compare /tmp/base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(BENCH)
+
+
+def _pin(cpu: int) -> None:
+    if hasattr(os, "sched_setaffinity") and cpu < (os.cpu_count() or 1):
+        os.sched_setaffinity(0, {cpu})
+
+
+def child(tree: str, port: int, calls: int, reps: int) -> Dict[str, List[float]]:
+    """Runs in a subprocess: import thriftpool from ``tree`` and measure."""
+    sys.path.insert(0, BENCH)
+    _pin(0)
+    from _common import MESSAGE, Echo  # noqa: E402  (puts this tree on sys.path)
+    from thriftpy2.rpc import make_client  # noqa: E402
+
+    sys.path.insert(0, tree)  # ... so the tree under test goes before it
+    import thriftpool  # noqa: E402
+
+    assert os.path.dirname(os.path.dirname(os.path.abspath(thriftpool.__file__))) == \
+        os.path.abspath(tree), thriftpool.__file__
+    raw = make_client(Echo, "127.0.0.1", port, timeout=5000)
+    pool = thriftpool.ThriftPool(Echo, [f"127.0.0.1:{port}"], min_size=1, max_size=1,
+                                 socket_timeout=5.0)
+    pool.wait()
+    proxy = pool.client()
+    deadline = getattr(thriftpool, "deadline", None)
+
+    def checkout_call() -> Any:
+        with pool.checkout() as c:
+            return c.echo(MESSAGE)
+
+    def deadline_call() -> Any:
+        assert deadline is not None
+        with deadline(5):
+            return proxy.echo(MESSAGE)
+
+    kinds: Dict[str, Callable[[], Any]] = {
+        "raw": lambda: raw.echo(MESSAGE),
+        "tp_checkout": checkout_call,
+        "tp_client": lambda: proxy.echo(MESSAGE),
+    }
+    if deadline is not None:
+        kinds["tp_deadline"] = deadline_call
+    results: Dict[str, List[float]] = {k: [] for k in kinds}
+    for fn in kinds.values():  # warm up every path
+        for _ in range(min(calls, 2000)):
+            fn()
+    for _ in range(reps):
+        for name, fn in kinds.items():
+            c0 = time.process_time()
+            for _ in range(calls):
+                fn()
+            results[name].append((time.process_time() - c0) / calls * 1e6)
+    pool.close()
+    raw.close()
+    return results
+
+
+def run_child(tree: str, port: int, calls: int, reps: int) -> Dict[str, List[float]]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", tree, "--port", str(port), "--calls",
+         str(calls), "--reps", str(reps)],
+        capture_output=True, text=True, timeout=600,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    if out.returncode != 0:
+        raise SystemExit(f"measuring {tree} failed:\n{out.stderr}")
+    result: Dict[str, List[float]] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _median(values: Sequence[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--compare", metavar="OTHER_TREE", help="also measure this tree")
+    parser.add_argument("--calls", type=int, default=20_000)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.port, args.calls, args.reps)))
+        return
+
+    sys.path.insert(0, BENCH)
+    from _common import EchoServer, machine_line
+
+    server = EchoServer()
+    if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(server.proc.pid, {1})
+    trees = {"this tree": ROOT}
+    if args.compare:
+        trees = {"other tree": os.path.abspath(args.compare), "this tree": ROOT}
+    samples: Dict[str, Dict[str, List[float]]] = {t: {} for t in trees}
+    try:
+        for _ in range(args.rounds):
+            for label, tree in trees.items():
+                for kind, values in run_child(tree, server.port, args.calls,
+                                              args.reps).items():
+                    samples[label].setdefault(kind, []).extend(values)
+    finally:
+        server.stop()
+    print(machine_line())
+    print(f"client CPU us/call, client pinned to CPU 0, server to CPU 1; {args.rounds} rounds "
+          f"x {args.reps} reps x {args.calls} calls per kind")
+    print("'over raw': median of (kind - raw) over the reps, each rep measuring every kind "
+          "back to back; 'min': the least disturbed rep")
+    kinds = sorted({k for s in samples.values() for k in s},
+                   key=["raw", "tp_checkout", "tp_client", "tp_deadline"].index)
+    print(f"{'kind':<14}" + "".join(f"{label + ' over raw':>22}{'min':>8}" for label in trees))
+    for kind in kinds:
+        cells = []
+        for label in trees:
+            values = samples[label].get(kind)
+            if not values:
+                cells.append(f"{'-':>22}{'-':>8}")
+                continue
+            deltas = [v - r for v, r in zip(values, samples[label]["raw"])]
+            cells.append(f"{_median(deltas):+22.2f}{min(values):8.2f}")
+        print(f"{kind:<14}" + "".join(cells))
+
+
+if __name__ == "__main__":
+    main()

@@ -19,17 +19,27 @@ Run from the repository root::
     python bench/bench_callcost.py
     git archive HEAD~1 thriftpool | (mkdir -p /tmp/base && tar -x -C /tmp/base)
     python bench/bench_callcost.py --compare /tmp/base
+    python bench/bench_callcost.py --compare /tmp/base --wire   # the connection layer alone
+
+``--wire`` drives a ``PooledClient`` over a socketpair whose other end, in the same
+thread, holds the canned reply before each call: no server, no scheduler.  With
+``--compare``, the other tree's package is copied as ``thriftpool_other`` and both
+connection layers run in one process, in alternating reps, so the paired difference
+is steady where the end-to-end numbers swing by several microseconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -90,6 +100,80 @@ def child(tree: str, port: int, calls: int, reps: int) -> Dict[str, List[float]]
     return results
 
 
+def _wire_client(pkg: Any, Echo: Any) -> Tuple[Any, Any, Any]:
+    """A PooledClient of package ``pkg`` over one end of a socketpair."""
+    import socket
+
+    from thriftpy2.protocol import TBinaryProtocolFactory
+    from thriftpy2.transport import TBufferedTransportFactory, TSocket
+
+    connection = importlib.import_module(pkg.__name__ + ".connection")
+    a, b = socket.socketpair()
+    config = pkg.PoolConfig.build(service=Echo, socket_timeout=5.0)
+    tsock: Any
+    if hasattr(connection, "BoundedTSocket"):
+        tsock = connection.BoundedTSocket("127.0.0.1", 1, config)
+        tsock.sock = a
+        tsock.bound(5.0, config.max_message_size, peer="bench")
+        extra: tuple = (5.0, None)
+    else:  # before the wire: thriftpy2's TSocket with kernel timeouts
+        tsock = TSocket(sock=a)
+        connection._set_call_timeout(a, 5.0)
+        extra = ()
+    transport = TBufferedTransportFactory().get_transport(tsock)
+    protocol = TBinaryProtocolFactory().get_protocol(transport)
+    conn = connection.Connection(pkg.Address("bench", 1), tsock, transport, protocol,
+                                 0.0, float("inf"), *extra)
+    return b, conn, connection.client_class(Echo)(Echo, conn)
+
+
+def wire_child(other: Optional[str], calls: int, reps: int) -> Dict[str, List[float]]:
+    """The connection layer alone, in one process: a PooledClient over a socketpair whose
+    other end, in this same thread, holds the canned reply before each call (no server, no
+    scheduler).  With ``other`` (a directory holding a copy of another tree's package as
+    ``thriftpool_other``), both layers are measured in alternating reps."""
+    import struct
+
+    sys.path.insert(0, BENCH)
+    _pin(0)
+    from _common import MESSAGE, Echo  # noqa: E402
+
+    import thriftpool  # noqa: E402  (this tree: _common put it first on sys.path)
+
+    packages = {"this tree": thriftpool}
+    if other:
+        sys.path.insert(0, other)
+        packages["other tree"] = importlib.import_module("thriftpool_other")
+    raw = MESSAGE.encode()
+    head = struct.pack("!ii", -2147418110, 4) + b"echo"  # VERSION_1 | REPLY, "echo"
+    body = b"\x0b\x00\x00" + struct.pack("!i", len(raw)) + raw + b"\x00"
+    replies = [head + struct.pack("!i", i) + body for i in range(1, calls + 1)]
+    clients = {label: _wire_client(pkg, Echo) for label, pkg in packages.items()}
+    results: Dict[str, List[float]] = {label: [] for label in packages}
+    labels = list(packages)
+    for rep in range(reps + 1):
+        for label in labels if rep % 2 else labels[::-1]:
+            b, conn, client = clients[label]
+            conn.seqid = 0
+            c0 = time.process_time()
+            for i in range(calls):
+                b.send(replies[i])
+                client.echo(MESSAGE)
+                if i % 64 == 63:
+                    b.recv(1 << 20)  # drain the requests
+            per_call = (time.process_time() - c0) / calls * 1e6
+            b.setblocking(False)
+            try:
+                while b.recv(1 << 20):
+                    pass
+            except BlockingIOError:
+                pass
+            b.setblocking(True)
+            if rep:  # the first rep warms up
+                results[label].append(per_call)
+    return results
+
+
 def run_child(tree: str, port: int, calls: int, reps: int) -> Dict[str, List[float]]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", tree, "--port", str(port), "--calls",
@@ -114,15 +198,47 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--wire", action="store_true",
+                        help="measure the connection layer alone over a socketpair")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.port, args.calls, args.reps)))
+        if args.wire:
+            other = None if args.child == "-" else args.child
+            print(json.dumps(wire_child(other, args.calls, args.reps)))
+        else:
+            print(json.dumps(child(args.child, args.port, args.calls, args.reps)))
         return
 
     sys.path.insert(0, BENCH)
     from _common import EchoServer, machine_line
+
+    if args.wire:
+        with tempfile.TemporaryDirectory() as tmp:
+            other = None
+            if args.compare:
+                other = tmp
+                shutil.copytree(os.path.join(os.path.abspath(args.compare), "thriftpool"),
+                                os.path.join(tmp, "thriftpool_other"))
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", other or "-", "--wire", "--calls",
+                 str(args.calls), "--reps", str(args.reps)],
+                capture_output=True, text=True, timeout=900,
+                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        if out.returncode != 0:
+            raise SystemExit(f"measuring failed:\n{out.stderr}")
+        results = json.loads(out.stdout.strip().splitlines()[-1])
+        print(machine_line())
+        print(f"connection layer alone (socketpair, canned reply, one process), client CPU "
+              f"us/call, pinned to CPU 0; {args.reps} alternating reps x {args.calls} calls")
+        for label, values in results.items():
+            print(f"{label:<12} median {_median(values):6.2f}  min {min(values):6.2f}  "
+                  f"max {max(values):6.2f}")
+        if "other tree" in results:
+            deltas = [t - o for t, o in zip(results["this tree"], results["other tree"])]
+            print(f"this - other, paired by rep: median {_median(deltas):+.2f}")
+        return
 
     server = EchoServer()
     if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:

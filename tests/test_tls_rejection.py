@@ -117,3 +117,19 @@ def test_an_instance_rejecting_the_client_certificate_does_not_flap(farm, pki):
             if time.monotonic() > ends:
                 break
     assert record.restored <= 1, f"restored {record.restored} times in 1.5 s"
+
+
+@pytest.mark.timeout(60)
+def test_a_client_certificate_loaded_into_the_context_is_used_at_the_next_connect(farm, pki):
+    strict = farm.one(tls=(pki["server"].cert, pki["server"].key),
+                      client_ca=pki["ca"].files.cert)
+    ctx = context(pki, pki["rogue_client"])
+    with thriftpool.ThriftPool(echo_thrift.Echo, [strict.address], min_size=0, retries=0,
+                               failure_threshold=100, ssl_context=ctx) as pool:
+        with pytest.raises(TTransportException) as info:
+            pool.client().echo("old certificate")
+        assert is_connect_error(info.value)
+        ctx.load_cert_chain(pki["client"].cert, pki["client"].key)  # rotate in place
+        assert pool.client().echo("new certificate") == "new certificate"
+    assert strict.stats()["calls"] == 1
+

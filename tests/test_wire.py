@@ -330,6 +330,28 @@ def test_a_hung_resolver_is_bounded_by_connect_timeout(monkeypatch):
 
 
 @pytest.mark.timeout(30)
+def test_the_watchdog_never_waits_on_a_hung_resolver(monkeypatch, make_pool):
+    release = threading.Event()
+
+    def hung(host, *args, **kwargs):
+        release.wait(5)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    try:
+        pool = make_pool(["hung.example:9090"], min_size=1, connect_timeout=0.3,
+                         watchdog_interval=0.05, backoff_initial=10.0)
+        # The watchdog's first fill is bounded like any connect: it fails, and ejects.
+        wait_for(lambda: pool.stats()["instances"]["hung.example:9090"]["healthy"] is False,
+                 timeout=3, message="the instance to be ejected")
+        started = time.monotonic()
+        pool.close()  # joins the watchdog: it is not stuck in getaddrinfo()
+        assert time.monotonic() - started < 1.0
+    finally:
+        release.set()
+
+
+@pytest.mark.timeout(30)
 def test_every_address_is_tried_in_order(liar, monkeypatch, connect_log):
     # A name with three addresses: a blackhole (a listener whose backlog is full drops
     # SYNs), a refused port, then a live server.  Stand-in resolver, real connects.

@@ -179,7 +179,7 @@ class PooledClient(TClient):
         if binding is not None:
             left = binding.expires_at - _monotonic()
             if left <= 0:
-                raise binding.exceeded(f"{_api}() (the request was not sent)")
+                raise binding.exceeded(f"{_api}()", "(the request was not sent)")
             if timeout is None or left < timeout:
                 timeout = left
             else:
@@ -210,7 +210,7 @@ class PooledClient(TClient):
             return self._recv(_api)
         except socket.timeout as exc:
             if binding is not None and not isinstance(exc, DeadlineExceeded):
-                raise binding.exceeded(f"{_api}() (timed out waiting on {conn.address})"
+                raise binding.exceeded(f"{_api}()", f"(timed out on {conn.address})"
                                        ) from exc
             raise
         except TTransportException as exc:
@@ -403,6 +403,7 @@ class WireBounds:
     _framed = False
     _seen = 0  # bytes of the current call's reply received so far
     _room: float = _INF  # ... and how many it may have: the limit, or the frame's end
+    _room0: float = _INF  # the room at the start of a call
     _frame_end = -1  # where the reply's frame ends (framed), once its header is read
     _head = b""  # a frame header split over reads
     _fresh = False  # TLS: nothing received yet on this connection
@@ -422,6 +423,9 @@ class WireBounds:
         self._kernel = _kernel_timeouts_possible(tls)
         self._limit = limit
         self._framed = framed
+        # A reply may take the limit; a framed one first its 4-byte header, then its frame.
+        self._room0 = 4 if framed else (_INF if limit is None else limit)
+        self._frame_end = 0
         self._fresh = tls
         self._peer = peer
         self.force_timeout(timeout)
@@ -465,14 +469,10 @@ class WireBounds:
                 self._arm(timeout, True, True)
         self._ends = _INF if timeout is None else _monotonic() + timeout
         self._seen = 0
+        self._room = self._room0
         if self._framed:
-            self._room = 4  # the frame header, then (see _past_room) the whole frame
-            self._frame_end = -1
+            self._frame_end = -1  # until the header is read (see _past_room)
             self._head = b""
-        else:
-            limit = self._limit
-            self._room = _INF if limit is None else limit
-            self._frame_end = 0
 
     def time_left(self) -> Optional[float]:
         """Seconds left in the current call (``None``: unbounded)."""
@@ -492,7 +492,8 @@ class WireBounds:
                 self._arm(left, True, False)
         if n > _RECV_MAX:
             n = self._clip(n)
-        if self._seen >= self._room:  # the reply wants more than it may have
+        seen = self._seen
+        if seen >= self._room:  # the reply wants more than it may have
             raise self._no_room()
         try:
             data: bytes = self.sock.recv(n)
@@ -503,7 +504,7 @@ class WireBounds:
                 raise self._rejected(exc, "read") from exc
             raise
         if data:
-            seen = self._seen + len(data)
+            seen += len(data)
             self._seen = seen
             if seen > self._room or self._frame_end == -1:
                 self._past_room(data)

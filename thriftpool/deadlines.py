@@ -83,11 +83,13 @@ class Deadline:
         """No time is left."""
         return _compat.monotonic() >= self.expires_at
 
-    def exceeded(self, what: str) -> DeadlineExceeded:
-        """The error to raise when ``what`` ran out of this deadline's time."""
+    def exceeded(self, what: str, detail: str = "") -> DeadlineExceeded:
+        """The error to raise when ``what`` (``"checkout"``, ``"echo()"``) ran out of this
+        deadline's time; ``detail`` is appended to the message."""
         budget = "" if self.seconds is None else f" of {self.seconds:g}s"
-        return DeadlineExceeded(f"deadline{budget} exceeded: no time left for {what}",
-                                timeout=self.seconds, what=what)
+        return DeadlineExceeded(
+            f"deadline{budget} exceeded: no time left for {what}{detail and ' ' + detail}",
+            timeout=self.seconds, what=what)
 
     def __repr__(self) -> str:
         if self._token is None:

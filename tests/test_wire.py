@@ -4,11 +4,13 @@ address."""
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import struct
 import threading
 import time
+import warnings
 
 import pytest
 from thriftpy2.transport import TTransportException
@@ -347,6 +349,38 @@ def test_the_watchdog_never_waits_on_a_hung_resolver(monkeypatch, make_pool):
         started = time.monotonic()
         pool.close()  # joins the watchdog: it is not stuck in getaddrinfo()
         assert time.monotonic() - started < 1.0
+    finally:
+        release.set()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_does_not_wait_on_the_parents_lookup(monkeypatch):
+    parent = os.getpid()
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def hung_in_parent(host, *args, **kwargs):
+        if os.getpid() == parent:
+            release.wait(5)  # the parent's lookup hangs...
+        return real("127.0.0.1", *args, **kwargs)  # ... the child's answers
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung_in_parent)
+    try:
+        with pytest.raises(TTransportException):
+            resolve("name.example", 9, 0.1)  # in flight, in a helper thread, when we fork
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: threads and fork
+            pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                assert resolve("name.example", 9, 1.0)[0][4] == ("127.0.0.1", 9)
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     finally:
         release.set()
 

@@ -10,6 +10,7 @@ timeout and reply-size limit (:class:`WireBounds`), bounded name resolution
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import select
 import socket
@@ -672,6 +673,9 @@ _AddrInfo = Tuple[Any, Any, int, str, Any]
 _MIN_ATTEMPT = 0.5  # seconds: the least time one address gets while others wait
 #: In-flight lookups by (host, port): concurrent connects to one name share one helper.
 _LOOKUPS: Dict[Tuple[str, int], "_Lookup"] = {}
+if hasattr(os, "register_at_fork"):
+    # A forked child has none of the parent's helper threads: their lookups never end.
+    os.register_at_fork(after_in_child=_LOOKUPS.clear)
 
 
 class _Lookup:

@@ -25,7 +25,8 @@ Run from the repository root::
 thread, holds the canned reply before each call: no server, no scheduler.  With
 ``--compare``, the other tree's package is copied as ``thriftpool_other`` and both
 connection layers run in one process, in alternating reps, so the paired difference
-is steady where the end-to-end numbers swing by several microseconds.
+is steady where the end-to-end numbers swing by several microseconds; the same child
+then does the same for ``pool.client().echo()`` of both trees against one real server.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def _wire_client(pkg: Any, Echo: Any) -> Tuple[Any, Any, Any]:
     return b, conn, connection.client_class(Echo)(Echo, conn)
 
 
-def wire_child(other: Optional[str], calls: int, reps: int) -> Dict[str, List[float]]:
+def wire_child(other: Optional[str], calls: int, reps: int, port: int = 0
+               ) -> Dict[str, List[float]]:
     """The connection layer alone, in one process: a PooledClient over a socketpair whose
     other end, in this same thread, holds the canned reply before each call (no server, no
     scheduler).  With ``other`` (a directory holding a copy of another tree's package as
@@ -171,6 +173,25 @@ def wire_child(other: Optional[str], calls: int, reps: int) -> Dict[str, List[fl
             b.setblocking(True)
             if rep:  # the first rep warms up
                 results[label].append(per_call)
+    if port:  # the same, end to end: pool.client().echo() against a real server
+        proxies = {}
+        for label, pkg in packages.items():
+            pool = pkg.ThriftPool(Echo, [f"127.0.0.1:{port}"], min_size=1, max_size=1)
+            pool.wait()
+            proxies[label] = (pool, pool.client())
+        for label in packages:
+            results[f"{label} (pool.client)"] = []
+        for rep in range(reps + 1):
+            for label in labels if rep % 2 else labels[::-1]:
+                proxy = proxies[label][1]
+                c0 = time.process_time()
+                for _ in range(calls):
+                    proxy.echo(MESSAGE)
+                if rep:
+                    results[f"{label} (pool.client)"].append(
+                        (time.process_time() - c0) / calls * 1e6)
+        for pool, _ in proxies.values():
+            pool.close()
     return results
 
 
@@ -206,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.child:
         if args.wire:
             other = None if args.child == "-" else args.child
-            print(json.dumps(wire_child(other, args.calls, args.reps)))
+            print(json.dumps(wire_child(other, args.calls, args.reps, args.port or 0)))
         else:
             print(json.dumps(child(args.child, args.port, args.calls, args.reps)))
         return
@@ -215,6 +236,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from _common import EchoServer, machine_line
 
     if args.wire:
+        server = EchoServer()
+        if hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) > 1:
+            os.sched_setaffinity(server.proc.pid, {1})
         with tempfile.TemporaryDirectory() as tmp:
             other = None
             if args.compare:
@@ -223,21 +247,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                 os.path.join(tmp, "thriftpool_other"))
             out = subprocess.run(
                 [sys.executable, __file__, "--child", other or "-", "--wire", "--calls",
-                 str(args.calls), "--reps", str(args.reps)],
-                capture_output=True, text=True, timeout=900,
+                 str(args.calls), "--reps", str(args.reps), "--port", str(server.port)],
+                capture_output=True, text=True, timeout=1800,
                 env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        server.stop()
         if out.returncode != 0:
             raise SystemExit(f"measuring failed:\n{out.stderr}")
         results = json.loads(out.stdout.strip().splitlines()[-1])
         print(machine_line())
-        print(f"connection layer alone (socketpair, canned reply, one process), client CPU "
-              f"us/call, pinned to CPU 0; {args.reps} alternating reps x {args.calls} calls")
+        print(f"one process, client CPU us/call, pinned to CPU 0 (server on CPU 1); "
+              f"{args.reps} alternating reps x {args.calls} calls; unlabelled: the "
+              f"connection layer alone (socketpair, canned reply)")
         for label, values in results.items():
             print(f"{label:<12} median {_median(values):6.2f}  min {min(values):6.2f}  "
                   f"max {max(values):6.2f}")
-        if "other tree" in results:
-            deltas = [t - o for t, o in zip(results["this tree"], results["other tree"])]
-            print(f"this - other, paired by rep: median {_median(deltas):+.2f}")
+        for suffix in ("", " (pool.client)"):
+            if "other tree" + suffix in results:
+                deltas = [t - o for t, o in zip(results["this tree" + suffix],
+                                                results["other tree" + suffix])]
+                print(f"this - other{suffix}, paired by rep: median {_median(deltas):+.2f}")
         return
 
     server = EchoServer()

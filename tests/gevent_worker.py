@@ -187,6 +187,42 @@ def scenario_interrupt(args: dict) -> dict:
             "size": after["size"], "opening": after["opening"]}
 
 
+def scenario_deadline(args: dict) -> dict:
+    """Each greenlet has its own deadline; a call cut by one yields to the hub; a name is
+    resolved through gevent's resolver within connect_timeout."""
+    ticker = Ticker()
+    host, port = args["addresses"][0].rsplit(":", 1)
+    pool = thriftpool.ThriftPool(echo_thrift.Echo, [f"localhost:{port}"], min_size=0,
+                                 max_size=4, socket_timeout=5.0)
+    proxy = pool.client()
+    out: dict = {}
+
+    def unbounded() -> None:
+        out["unbounded_deadline"] = thriftpool.deadlines.current() is None
+        out["unbounded"] = proxy.sleep(600)
+
+    spawned = []
+
+    def bounded() -> None:
+        started = time.monotonic()
+        try:
+            with thriftpool.deadline(0.3):
+                # A greenlet started inside the block does not inherit the deadline.
+                spawned.append(gevent.spawn(unbounded))
+                proxy.sleep(1500)
+            out["bounded"] = "returned"
+        except thriftpool.DeadlineExceeded as exc:
+            out["bounded"] = type(exc).__name__
+        out["bounded_elapsed"] = time.monotonic() - started
+
+    gevent.joinall([gevent.spawn(bounded)], timeout=20)
+    gevent.joinall(spawned, timeout=20)
+    pool.close()
+    ticker.stop()
+    out["max_gap"] = ticker.max_gap
+    return out
+
+
 def main() -> None:
     scenario = globals()["scenario_" + sys.argv[1]]
     args = json.loads(sys.argv[2])

@@ -139,3 +139,14 @@ def test_gevent_patched_after_the_pool_was_built(farm, mode):
     # one-time rebuild stops the pool's old OS thread first: a stall of about a second.)
     assert result["max_gap"] < (0.5 if mode == "preload" else 2.0), result
     assert result["elapsed"] < 20
+
+
+def test_deadlines_follow_each_greenlet(farm):
+    server = farm.one()
+    result = run_scenario("deadline", addresses=[server.address])
+    assert result["bounded"] == "DeadlineExceeded"
+    assert 0.25 <= result["bounded_elapsed"] < 0.8, result
+    assert result["unbounded_deadline"] is True  # spawned inside the block, without its bound
+    assert result["unbounded"] == 600
+    assert result["max_gap"] < 0.5
+

@@ -15,6 +15,7 @@ from __future__ import annotations
 from .address import Address, Endpoint, Metadata, parse_address
 from .balancer import Balancer, LeastLoaded, RandomBalancer, RoundRobin
 from .config import PoolConfig
+from .deadlines import Deadline, deadline
 from .discovery import (
     Discovery,
     DiscoveryListener,
@@ -24,6 +25,7 @@ from .discovery import (
 )
 from .errors import (
     ClientReleased,
+    DeadlineExceeded,
     NoAvailableInstance,
     PoolClosed,
     PoolExhausted,
@@ -44,6 +46,8 @@ __all__ = [
     "Checkout",
     "ClientProxy",
     "ClientReleased",
+    "Deadline",
+    "DeadlineExceeded",
     "Discovery",
     "DiscoveryListener",
     "DnsDiscovery",
@@ -69,6 +73,7 @@ __all__ = [
     "ThriftPoolError",
     "TooManyWaiters",
     "ZooKeeperDiscovery",
+    "deadline",
     "parse_address",
     "serve",
 ]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import ssl
-from dataclasses import dataclass
-from typing import Callable, Any, FrozenSet, Iterable, Optional, Union
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, FrozenSet, Iterable, Mapping, Optional, Union
 
 from thriftpy2.protocol import TBinaryProtocolFactory, TCompactProtocolFactory
 from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory
@@ -35,6 +36,9 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
+
+#: The default ``max_message_size``: 64 MiB.
+DEFAULT_MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 TRANSPORTS = {"buffered": TBufferedTransportFactory, "framed": TFramedTransportFactory}
 PROTOCOLS = {"binary": TBinaryProtocolFactory, "compact": TCompactProtocolFactory}
@@ -132,6 +136,10 @@ class PoolConfig:
     leak_timeout: Optional[float] = None
     max_ejection_percent: int = 50
     failure_classifier: Optional[Callable[[BaseException], bool]] = None
+    #: ``{method: seconds or None}``, read-only; methods not in it use ``socket_timeout``.
+    method_timeouts: Mapping[str, Optional[float]] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False)
+    max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE
 
     @classmethod
     def build(
@@ -170,6 +178,8 @@ class PoolConfig:
         leak_timeout: Optional[float] = None,
         max_ejection_percent: int = 50,
         failure_classifier: Optional[Callable[[BaseException], bool]] = None,
+        method_timeouts: Optional[Mapping[str, Optional[float]]] = None,
+        max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> "PoolConfig":
         """Validate the options and freeze them.
 
@@ -296,6 +306,9 @@ class PoolConfig:
             leak_timeout=_check_seconds("leak_timeout", leak_timeout, allow_none=True),
             max_ejection_percent=max_ejection_percent,
             failure_classifier=failure_classifier,
+            method_timeouts=_check_method_timeouts(method_timeouts, methods),
+            max_message_size=None if max_message_size is None else _check_int(
+                "max_message_size", max_message_size, 1),
         )
 
     def resized(self, min_size: Any = UNSET, max_size: Any = UNSET) -> "PoolConfig":
@@ -311,3 +324,19 @@ class PoolConfig:
         initial = min(max(self.initial_size, new_min), new_max)
         return dataclasses.replace(self, min_size=new_min, max_size=new_max,
                                    initial_size=initial)
+
+
+def _check_method_timeouts(value: Any, methods: Iterable[str]
+                           ) -> Mapping[str, Optional[float]]:
+    if value is None:
+        return MappingProxyType({})
+    if not isinstance(value, Mapping):
+        raise ValueError(f"method_timeouts must be a mapping of method name to seconds, "
+                         f"got {value!r}")
+    known = set(methods)
+    unknown = sorted(str(m) for m in value if m not in known)
+    if unknown:
+        raise ValueError(f"method_timeouts names methods the service lacks: {unknown}")
+    return MappingProxyType({
+        name: _check_seconds(f"method_timeouts[{name!r}]", seconds, allow_none=True)
+        for name, seconds in value.items()})

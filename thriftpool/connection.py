@@ -1,38 +1,68 @@
-"""One pooled socket: opening it, checking it is alive, numbering its calls, closing it.
+"""One pooled socket: opening it, bounding its calls, checking it is alive, closing it.
 
 This is the only module that talks to thriftpy2's transport layer, and the only place
-where seconds become thriftpy2's milliseconds.
+where seconds become thriftpy2's milliseconds.  It owns the wire: a call's whole-call
+timeout and reply-size limit (:class:`WireBounds`), bounded name resolution
+(:func:`resolve`), and the one classification of a call's errors (:func:`should_discard`,
+:func:`is_connect_error`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import select
 import socket
 import ssl
 import struct
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Type
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Type
 
+from thriftpy2.protocol.compact import TCompactProtocol, TCompactProtocolFactory
 from thriftpy2.protocol.exc import TProtocolException
 from thriftpy2.thrift import TApplicationException, TClient, TMessageType, args_to_kwargs
-from thriftpy2.transport import TSocket, TTransportException
+from thriftpy2.transport import (
+    TCyFramedTransport,
+    TFramedTransport,
+    TSocket,
+    TTransportException,
+)
 
 from . import _compat
 from .address import Address
-from .errors import ClientReleased, ReplyMismatch
+from .deadlines import _CURRENT
+from .errors import ClientReleased, DeadlineExceeded, ReplyMismatch, ThriftPoolError
 
 if TYPE_CHECKING:
     from types import ModuleType
 
     from .config import PoolConfig
 
-__all__ = ["APPLICATION_ERRORS", "Connection", "PooledClient", "client_class",
-           "connection_expiry", "is_connect_error", "readable", "should_discard"]
+__all__ = [
+    "APPLICATION_ERRORS",
+    "BoundedCompactProtocol",
+    "BoundedSocket",
+    "BoundedTSocket",
+    "Connection",
+    "PooledClient",
+    "WireBounds",
+    "client_class",
+    "connection_expiry",
+    "is_connect_error",
+    "readable",
+    "resolve",
+    "should_discard",
+]
 
 _MAX_SEQID = 2 ** 31 - 1
 _POLL_READABLE = getattr(select, "POLLIN", 1) | getattr(select, "POLLPRI", 2) | \
     getattr(select, "POLLHUP", 16) | getattr(select, "POLLERR", 8)
+
+
+def _protocol_error(kind: int, message: str) -> TProtocolException:
+    return TProtocolException(kind, message)  # type: ignore[no-untyped-call]
 
 
 def _ms(seconds: Optional[float]) -> Optional[float]:
@@ -40,22 +70,21 @@ def _ms(seconds: Optional[float]) -> Optional[float]:
     return None if seconds is None else seconds * 1000.0
 
 
-def _set_call_timeout(sock: socket.socket, seconds: Optional[float]) -> None:
-    """Give an open socket its per-call timeout, in the kernel where possible.
+#: Per service: ``{method: (args spec, args class, result class, oneway)}``.
+_Api = Tuple[Any, Any, Any, bool]
+_CLIENT_CLASSES: Dict[int, Type["PooledClient"]] = {}
 
-    With a Python-level timeout CPython polls the socket before every send and every
-    recv: two more syscalls, each releasing the GIL, per call, which with several
-    threads costs more than the whole pool (bench/README.md).  A blocking socket with
-    ``SO_RCVTIMEO``/``SO_SNDTIMEO`` times out just the same, with ``EAGAIN``, which
-    :class:`PooledClient` turns back into ``socket.timeout``.  gevent's sockets need the
-    Python-level timeout, and so do platforms whose ``timeval`` we do not pack.
-    """
+
+def _set_call_timeout(sock: socket.socket, seconds: Optional[float]) -> None:
+    """Give an open socket of the Apache stack (thriftpool/apache.py) its per-call timeout,
+    in the kernel where possible (``SO_RCVTIMEO``/``SO_SNDTIMEO``: no poll before each
+    send and recv); gevent's sockets, and platforms whose ``timeval`` we do not pack, keep
+    the Python-level timeout.  (The thriftpy2 stack's sockets are :class:`WireBounds`.)"""
     if seconds is None:
-        # thriftpy2's TSocket.open() leaves the connect timeout on the socket when there
-        # is no socket timeout: every call would time out after it.
         sock.settimeout(None)
         return
     if not sys.platform.startswith("linux") or _compat.gevent_patched("socket"):
+        sock.settimeout(seconds)
         return
     whole = int(seconds)
     micros = round((seconds - whole) * 1e6)
@@ -72,15 +101,10 @@ def _set_call_timeout(sock: socket.socket, seconds: Optional[float]) -> None:
         sock.settimeout(seconds)  # keep CPython's timeout
 
 
-#: Per service: ``{method: (args spec, args class, result class, oneway)}``.
-_Api = Tuple[Any, Any, Any, bool]
-_CLIENT_CLASSES: Dict[int, Type["PooledClient"]] = {}
-
-
 # -- Apache Thrift's exception types, when its optional package is installed -------------
 # (thriftpool/apache.py holds the rest of that stack; only classification lives here.)
 _DISCARD_TYPES: Tuple[type, ...] = (TTransportException, TProtocolException, ReplyMismatch,
-                                    OSError)
+                                    DeadlineExceeded, OSError)
 _NOT_OPEN_TYPES: Tuple[type, ...] = (TTransportException,)
 #: The "the server answered" exceptions of both stacks.
 APPLICATION_ERRORS: Tuple[type, ...] = (TApplicationException,)
@@ -102,15 +126,19 @@ else:
 
 
 def should_discard(exc: BaseException) -> bool:
-    """Tell whether an exception raised by a call leaves its socket unusable.
+    """Tell whether an exception raised by a call leaves its socket unusable (and, for
+    the pool, counts against the instance like a transport error).
 
-    Transport and protocol errors, socket errors and timeouts (thriftpy2 lets a read
-    timeout out as a bare ``socket.timeout``), and reply mismatches leave the stream in an
-    unknown state.  An IDL-declared exception or a ``TApplicationException`` means the
-    server answered in full, so the socket is fine.  The transport types are tested
-    first because every thriftpy2 exception subclasses ``TException``.  Anything else
-    (``gevent.Timeout``, ``KeyboardInterrupt``) that interrupts a call is caught by the
-    connection's in-call flag, not here.
+    Transport and protocol errors (a malformed reply raises ``TProtocolException``, see
+    :meth:`PooledClient._recv`), socket errors and timeouts (``socket.timeout``), a
+    :class:`~thriftpool.DeadlineExceeded` in the middle of a call, and reply mismatches
+    leave the stream in an unknown state.  An IDL-declared exception or a
+    ``TApplicationException`` means the server answered in full, so the socket is fine.
+    The transport types are tested first because every thriftpy2 exception subclasses
+    ``TException``.  Anything else (``gevent.Timeout``, ``KeyboardInterrupt``) that
+    interrupts a call is caught by the connection's in-call flag, not here.  (A
+    ``DeadlineExceeded`` raised before the request was written leaves nothing in
+    flight: the pool keeps that connection, as its in-call flag is not set.)
     """
     if isinstance(exc, _DISCARD_TYPES):
         return True
@@ -120,7 +148,10 @@ def should_discard(exc: BaseException) -> bool:
 
 
 def is_connect_error(exc: BaseException) -> bool:
-    """The request surely never left: the socket could not even be opened."""
+    """The request surely never reached the server's application: the socket could not
+    be opened (resolution, connect or TLS handshake failed), or a fresh TLS session was
+    rejected by the server at its first read (TLS 1.3 reports a refused client
+    certificate only then).  Both raise ``TTransportException(NOT_OPEN)``."""
     return isinstance(exc, _NOT_OPEN_TYPES) and \
         exc.type == TTransportException.NOT_OPEN  # type: ignore[attr-defined]
 
@@ -159,6 +190,34 @@ def readable(conns: "list[Connection]") -> "set[Connection]":
         if conn.peer_closed():
             out.add(conn)
     return out
+
+
+def _decode_error(exc: Exception, api: str, conn: Optional["Connection"]) -> TProtocolException:
+    """The ``TProtocolException`` for whatever a decoder raised on a malformed reply.
+
+    thriftpy2's Cython codec lets bad bytes out as ``MemoryError`` (a length it could not
+    allocate), ``SystemError`` (a negative length), ``RecursionError`` (nesting deeper
+    than its limit) and ``cybin.ProtocolError`` (a plain ``Exception``); the pure-Python
+    codecs as ``struct.error``, ``KeyError``, ``TException`` and more.
+    """
+    where = f"the reply to {api}() from {conn.address if conn is not None else '?'}"
+    detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError):
+        kind = TProtocolException.SIZE_LIMIT
+        text = f"{where} claims a length that cannot be allocated ({detail})"
+    elif isinstance(exc, RecursionError):
+        kind = DEPTH_LIMIT
+        text = f"{where} nests too deep ({detail})"
+    elif isinstance(exc, SystemError) and "egative" in str(exc):
+        kind = TProtocolException.NEGATIVE_SIZE
+        text = f"{where} has a negative length ({detail})"
+    elif "version" in str(exc):
+        kind = TProtocolException.BAD_VERSION
+        text = f"{where} is not a Thrift message of this protocol ({detail})"
+    else:
+        kind = TProtocolException.INVALID_DATA
+        text = f"cannot decode {where} ({detail})"
+    return _protocol_error(kind, text)
 
 
 class PooledClient(TClient):
@@ -200,6 +259,19 @@ class PooledClient(TClient):
             raise TApplicationException(
                 TApplicationException.UNKNOWN_METHOD,
                 f"{e.args[0]} is required argument for {service.__name__}.{_api}") from None
+        # The call's timeout: its method's, or the connection's, and no more than the
+        # time left in a thriftpool.deadline() block (one ContextVar read without one).
+        timeouts = conn.timeouts
+        timeout = conn.timeout if timeouts is None else timeouts.get(_api, conn.timeout)
+        binding = _CURRENT.get()
+        if binding is not None:
+            left = binding.expires_at - _monotonic()
+            if left <= 0:
+                raise binding.exceeded(f"{_api}()", "(the request was not sent)")
+            if timeout is None or left < timeout:
+                timeout = left
+            else:
+                binding = None
         seqid = conn.seqid + 1
         if seqid > _MAX_SEQID:
             seqid = 1
@@ -208,6 +280,7 @@ class PooledClient(TClient):
         # an unknown state: whatever interrupts the call, the socket must not be reused.
         conn.in_call = True
         conn.sent = False
+        conn.socket.begin(timeout)
         try:
             oprot = self._oprot
             oprot.write_message_begin(
@@ -223,32 +296,57 @@ class PooledClient(TClient):
                 conn.in_call = False
                 return None
             return self._recv(_api)
-        except BlockingIOError as exc:
-            # SO_RCVTIMEO / SO_SNDTIMEO expired (see _set_call_timeout): the same
-            # socket.timeout that a Python-level socket timeout raises.
+        except socket.timeout as exc:
+            conn.failed_calls += 1  # the error paths only: free for calls that succeed
+            if binding is not None and not isinstance(exc, DeadlineExceeded):
+                raise binding.exceeded(f"{_api}()", f"(timed out on {conn.address})"
+                                       ) from exc
+            raise
+        except TTransportException as exc:
             conn.failed_calls += 1
-            raise socket.timeout("timed out") from exc
+            if exc.type == TTransportException.NOT_OPEN:
+                conn.sent = False  # a TLS session refused before the request was read
+            raise
         except BaseException:
-            conn.failed_calls += 1  # the error path only: free for calls that succeed
+            conn.failed_calls += 1
+            raise
             raise
 
     def _recv(self, _api: str) -> Any:
+        """Read and decode the reply to ``_api``.
+
+        A reply that cannot be decoded raises ``TProtocolException`` with the decoder's
+        error as ``__cause__``, and one cut off raises ``TTransportException``; either
+        way the connection is discarded (:func:`should_discard`).
+        """
         iprot = self._iprot
-        fname, mtype, rseqid = iprot.read_message_begin()
-        if rseqid != self._seqid or fname != _api:
-            raise ReplyMismatch(
-                f"reply {fname!r} seqid {rseqid} does not answer request {_api!r} seqid "
-                f"{self._seqid} on {self._conn}; the connection was dropped")
-        if mtype == TMessageType.EXCEPTION:
-            x = TApplicationException()
-            x.read(iprot)
-            iprot.read_message_end()
-            self._mark_complete()
-            raise x
-        api = self._apis.get(_api) or _api_entry(self._service, _api)
-        result = api[2]()
-        result.read(iprot)
-        iprot.read_message_end()
+        try:
+            fname, mtype, rseqid = iprot.read_message_begin()
+            if rseqid != self._seqid or fname != _api:
+                raise ReplyMismatch(
+                    f"reply {fname!r} seqid {rseqid} does not answer request {_api!r} "
+                    f"seqid {self._seqid} on {self._conn}; the connection was dropped")
+            if mtype == TMessageType.REPLY:
+                api = self._apis.get(_api) or _api_entry(self._service, _api)
+                result = api[2]()
+                result.read(iprot)
+                iprot.read_message_end()
+            elif mtype == TMessageType.EXCEPTION:
+                x = TApplicationException()
+                x.read(iprot)
+                iprot.read_message_end()
+                self._mark_complete()
+                raise x
+            else:
+                raise _protocol_error(
+                    TProtocolException.INVALID_DATA,
+                    f"the reply to {_api}() from {self._conn and self._conn.address} has "
+                    f"message type {mtype}, neither REPLY nor EXCEPTION")
+        except (TTransportException, TProtocolException, TApplicationException, OSError,
+                ThriftPoolError):
+            raise
+        except Exception as exc:
+            raise _decode_error(exc, _api, self._conn) from exc
         self._mark_complete()
 
         success = getattr(result, "success", None)
@@ -311,45 +409,571 @@ def client_class(service: Any) -> Type[PooledClient]:
     return cls
 
 
-class TLSSocket(TSocket):
-    """A thriftpy2 ``TSocket`` over TLS with the caller's ``ssl.SSLContext``.
+# -- the wire: whole-call timeouts and reply-size limits at the socket --------------------
+#
+# A per-read timeout does not bound a call: a server that sends one byte every half
+# second keeps every recv() short and the call running forever.  So each call has a
+# deadline (``begin``), and every send and recv gets the time left, not a fresh timeout.
+# Setting a timeout is a system call (setsockopt, or the fcntl behind settimeout()), so
+# the socket is only re-armed when the time left is shorter, by more than _SLACK, than
+# what the socket would wait anyway: the first send and the first read of a call, right
+# after ``begin`` armed the whole timeout, cost no extra system call, and neither does
+# any read that waited less than _SLACK.  A call therefore ends within its timeout plus
+# _SLACK (and the scheduler's latency).
+#
+# The same place sees every byte of the reply before the decoder does, so it enforces
+# ``max_message_size``: a frame header above it (framed transports) is refused before
+# the transport allocates the frame, a read that asks for more than the reply's frame
+# holds is refused at once (the decoder believes a length the frame does not contain),
+# and an unframed reply stops at the limit.  thriftpy2's Cython transports ask their
+# socket for as many bytes as the length they just decoded claims (their buffer grows
+# to it first, which reserves address space without touching it), so a read request
+# far beyond the limit is refused at once too, and no single recv() asks for more than
+# _RECV_MAX bytes, so the socket layer never allocates what a header claims.
 
-    Verification follows the context.  The handshake happens inside ``open()``, before any
-    byte of Thrift is written, so nothing is ever sent in plaintext to a server that fails
-    it, and a failure raises ``TTransportException(NOT_OPEN)`` whose message carries the
-    TLS error (thriftpy2's own ``TSSLSocket`` reduces it to "Could not connect").
+_INF = float("inf")
+_SLACK = 0.001
+_RECV_MAX = 1 << 20
+_CLAIM_SLACK = 1 << 16
+#: thriftpy2's TProtocolException has no DEPTH_LIMIT; Apache Thrift's value is 6.
+DEPTH_LIMIT = getattr(TProtocolException, "DEPTH_LIMIT", 6)
+_monotonic = time.monotonic
+
+
+def _near(wanted: float, held: Optional[float]) -> bool:
+    """A socket holding ``held`` times out no earlier, and at most _SLACK later."""
+    return held is not None and wanted <= held <= wanted + _SLACK
+
+
+def _timeval(seconds: Optional[float]) -> bytes:
+    if seconds is None:
+        return struct.pack("@ll", 0, 0)  # a zero timeval: never time out
+    whole = int(seconds)
+    micros = round((seconds - whole) * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    if whole == 0 and micros == 0:
+        micros = 1  # a zero timeval means "never" to the kernel
+    return struct.pack("@ll", whole, micros)
+
+
+def _kernel_timeouts_possible(tls: bool) -> bool:
+    """Whether timeouts can live in the kernel (``SO_RCVTIMEO``/``SO_SNDTIMEO``).
+
+    With a Python-level timeout CPython polls the socket before every send and every
+    recv: two more system calls, each releasing the GIL, per call, which with several
+    threads costs more than the whole pool (bench/README.md).  A blocking socket with
+    kernel timeouts times out just the same, with ``EAGAIN``, which the wire turns into
+    ``socket.timeout``.  gevent's sockets and TLS sockets need the Python-level timeout,
+    and so do platforms whose ``timeval`` we do not pack.
+    """
+    return not tls and sys.platform.startswith("linux") and not _compat.gevent_patched("socket")
+
+
+class WireBounds:
+    """The whole-call deadline and the reply-size limit over one socket (a mixin).
+
+    ``sock`` is the real socket (or ``ssl.SSLSocket``, or gevent's).  Call
+    :meth:`bound` once the socket is connected, :meth:`begin` at the start of every call,
+    and read and write through :meth:`_recv` and :meth:`_send`.  Two classes use it:
+    :class:`BoundedTSocket` for thriftpy2's transports and :class:`BoundedSocket`, a
+    socket-like object for transports that call ``handle.recv()`` (Apache Thrift's
+    ``TSocket.setHandle``).
+
+    Errors: a timeout raises ``socket.timeout``; a reply over the limit or asking past
+    its frame raises :meth:`_protocol_error`; a TLS error before the first byte of the
+    first reply (TLS 1.3 reports a refused client certificate only at the first read or
+    write after the handshake) raises :meth:`_not_open`.  Subclasses for another Thrift
+    library override those two.
     """
 
-    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext,
-                 server_hostname: Optional[str], **kwargs: Any) -> None:
-        super().__init__(host, port, **kwargs)  # type: ignore[no-untyped-call]
-        self.ssl_context = ssl_context
-        self.server_hostname = server_hostname or host
+    sock: Any
 
-    def _init_sock(self) -> None:
-        super()._init_sock()  # type: ignore[no-untyped-call]
-        self.sock = self.ssl_context.wrap_socket(self.sock,
-                                                 server_hostname=self.server_hostname)
+    _kernel = False
+    _rcv: Optional[float] = None  # the timeout the socket holds for reads
+    _snd: Optional[float] = None  # ... and for writes
+    _ends = _INF  # monotonic deadline of the current call
+    _limit: Optional[int] = None
+    _framed = False
+    _seen = 0  # bytes of the current call's reply received so far
+    _room: float = _INF  # ... and how many it may have: the limit, or the frame's end
+    _room0: float = _INF  # the room at the start of a call
+    _frame_end = -1  # where the reply's frame ends (framed), once its header is read
+    _head = b""  # a frame header split over reads
+    _fresh = False  # TLS: nothing received yet on this connection
+    _eof_raises = False  # EOF raises TTransportException (a transport) or reads b"" (a socket)
+    _peer = ""
+
+    def bound(self, timeout: Optional[float], limit: Optional[int] = None,
+              framed: bool = False, tls: bool = False, peer: str = "") -> None:
+        """Set up a connected socket: its per-call timeout, and the reply-size checks.
+
+        :param timeout: the default per-call timeout (seconds, ``None``: never).
+        :param limit: the largest reply in bytes (``None``: no limit).
+        :param framed: replies come in Thrift frames (a 4-byte length first).
+        :param tls: ``sock`` is an ``ssl.SSLSocket``: a TLS error before the first reply
+            byte is a refused session (see :meth:`_rejected`).
+        """
+        self._kernel = _kernel_timeouts_possible(tls)
+        self._limit = limit
+        self._framed = framed
+        # A reply may take the limit; a framed one first its 4-byte header, then its frame.
+        self._room0 = 4 if framed else (_INF if limit is None else limit)
+        self._frame_end = 0
+        self._fresh = tls
+        self._peer = peer
+        self.force_timeout(timeout)
+        self.begin(timeout)
+        self._ends = _INF  # no call yet
+
+    def force_timeout(self, seconds: Optional[float]) -> None:
+        """Set the socket's timeout now, whatever the wire believes it holds."""
+        self._arm(seconds, True, True)
+
+    def _arm(self, seconds: Optional[float], rcv: bool, snd: bool) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        if self._kernel:
+            timeval = _timeval(seconds)
+            try:
+                if rcv:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                if snd:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+                if sock.gettimeout() is not None:
+                    sock.settimeout(None)
+            except OSError:
+                self._kernel = False  # keep CPython's timeout from now on
+            else:
+                if rcv:
+                    self._rcv = seconds
+                if snd:
+                    self._snd = seconds
+                return
+        sock.settimeout(seconds)  # one timeout for both directions
+        self._rcv = self._snd = seconds
+
+    def begin(self, timeout: Optional[float]) -> None:
+        """Start a call that may take ``timeout`` seconds in all (``None``: no bound)."""
+        if timeout != self._rcv or timeout != self._snd:
+            # A socket timeout up to _SLACK longer is as good (a deadline that leaves a
+            # hair less than the usual timeout costs no system call).
+            if timeout is None or not (_near(timeout, self._rcv) and _near(timeout, self._snd)):
+                self._arm(timeout, True, True)
+        self._ends = _INF if timeout is None else _monotonic() + timeout
+        self._seen = 0
+        self._room = self._room0
+        if self._framed:
+            self._frame_end = -1  # until the header is read (see _past_room)
+            self._head = b""
+
+    def time_left(self) -> Optional[float]:
+        """Seconds left in the current call (``None``: unbounded)."""
+        ends = self._ends
+        return None if ends == _INF else ends - _monotonic()
+
+    def _recv(self, n: int) -> bytes:
+        """Receive up to ``n`` bytes within the current call's deadline; at EOF ``b""``
+        (or ``TTransportException(END_OF_FILE)`` when ``_eof_raises``)."""
+        ends = self._ends
+        if ends != _INF:
+            left = ends - _monotonic()
+            rcv = self._rcv
+            if rcv is None or left < rcv - _SLACK:
+                if left <= 0:
+                    raise socket.timeout("timed out")
+                self._arm(left, True, False)
+        if n > _RECV_MAX:
+            n = self._clip(n)
+        seen = self._seen
+        if seen >= self._room:  # the reply wants more than it may have
+            raise self._no_room()
+        try:
+            data: bytes = self.sock.recv(n)
+        except BlockingIOError as exc:  # SO_RCVTIMEO expired
+            raise socket.timeout("timed out") from exc
+        except ssl.SSLError as exc:
+            if self._fresh:
+                raise self._rejected(exc, "read") from exc
+            raise
+        if data:
+            seen += len(data)
+            self._seen = seen
+            if seen > self._room or self._frame_end == -1:
+                self._past_room(data)
+            if self._fresh:
+                self._fresh = False
+        elif self._eof_raises:
+            raise TTransportException(type=TTransportException.END_OF_FILE,
+                                      message="TSocket read 0 bytes")
+        return data
+
+    def _clip(self, n: int) -> int:
+        limit = self._limit
+        # A Cython buffer asks for at most its (grown) size; it grows to a multiple of its
+        # previous size that covers the claim, so a request above twice the limit (plus a
+        # margin) means a claimed length above the limit.
+        if limit is not None and n > 2 * limit + _CLAIM_SLACK:
+            raise self._protocol_error(
+                TProtocolException.SIZE_LIMIT,
+                f"the reply from {self._peer} claims a length of about {n} bytes, more "
+                f"than max_message_size ({limit})")
+        return _RECV_MAX
+
+    def _no_room(self) -> Exception:
+        if self._framed:
+            return self._protocol_error(
+                TProtocolException.INVALID_DATA,
+                f"the reply from {self._peer} asks for more bytes than its frame of "
+                f"{self._frame_end - 4} holds")
+        return self._too_long()
+
+    def _too_long(self) -> Exception:
+        return self._protocol_error(
+            TProtocolException.SIZE_LIMIT,
+            f"the reply from {self._peer} is longer than max_message_size ({self._limit})")
+
+    def _past_room(self, data: bytes) -> None:
+        """Bytes of a frame header (framed), or more bytes than the reply may have: too
+        long (unframed), or past the end of its frame."""
+        seen = self._seen
+        if not self._framed:
+            raise self._too_long()
+        if self._frame_end == -1:
+            if seen < 4:
+                self._head += data
+                return
+            # The header is complete: the frame's size sets the room.
+            header = (self._head + data)[:4] if self._head else data[:4]
+            self._head = b""
+            self._frame_end = self._room = 4 + self._frame_size(header)
+            if seen <= self._room:
+                return
+        raise self._protocol_error(
+            TProtocolException.INVALID_DATA,
+            f"{seen - self._frame_end} unexpected bytes from {self._peer} after the reply's "
+            f"frame")
+
+    def _frame_size(self, header: bytes) -> int:
+        size = int.from_bytes(header, "big", signed=True)
+        limit = self._limit
+        if size < 0:
+            raise self._protocol_error(TProtocolException.NEGATIVE_SIZE,
+                                       f"negative frame size {size} from {self._peer}")
+        if size == 0:
+            raise self._protocol_error(TProtocolException.INVALID_DATA,
+                                       f"empty frame from {self._peer}")
+        if limit is not None and size > limit:
+            raise self._protocol_error(
+                TProtocolException.SIZE_LIMIT,
+                f"frame of {size} bytes from {self._peer} is larger than max_message_size "
+                f"({limit})")
+        return size
+
+    def _send(self, data: bytes) -> None:
+        """Send all of ``data`` within the current call's deadline."""
+        sock = self.sock
+        try:
+            sent = sock.send(data)
+            if sent < len(data):
+                self._send_rest(memoryview(data), sent)
+        except BlockingIOError as exc:  # SO_SNDTIMEO expired
+            raise socket.timeout("timed out") from exc
+        except ssl.SSLError as exc:
+            if self._fresh:
+                raise self._rejected(exc, "write") from exc
+            raise
+
+    def _send_rest(self, view: memoryview, sent: int) -> None:
+        sock = self.sock
+        total = len(view)
+        while sent < total:
+            ends = self._ends
+            if ends != _INF:
+                left = ends - _monotonic()
+                snd = self._snd
+                if snd is None or left < snd - _SLACK:
+                    if left <= 0:
+                        raise socket.timeout("timed out")
+                    self._arm(left, False, True)
+            sent += sock.send(view[sent:])
+
+    def _rejected(self, exc: ssl.SSLError, step: str) -> Exception:
+        # TLS 1.3 completes the client's side of the handshake before the server has
+        # checked the client's certificate; a refusal arrives as an alert (or an EOF) at
+        # the first read or write.  The server's application never saw a byte of the
+        # request: to the pool, that is a failed connect.
+        return self._not_open(
+            f"TLS session with {self._peer} rejected by the server at the first {step} "
+            f"(before any request was read): {exc}")
+
+    def _protocol_error(self, kind: int, message: str) -> Exception:
+        return _protocol_error(kind, message)
+
+    def _not_open(self, message: str) -> Exception:
+        return TTransportException(type=TTransportException.NOT_OPEN, message=message)
+
+
+class BoundedSocket(WireBounds):
+    """A socket-like object whose ``recv``/``send``/``sendall`` honour a whole-call
+    deadline and a reply-size limit (see :class:`WireBounds`).
+
+    For transports that take a socket and call ``handle.recv()`` (Apache Thrift's
+    ``TSocket.setHandle``): wrap the connected socket, call :meth:`bound` once and
+    :meth:`begin` before each call.  Anything else is passed to the wrapped socket.
+    ``recv`` with flags (``MSG_PEEK``, a liveness check) bypasses the bounds.
+    """
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+
+    def recv(self, n: int, flags: int = 0) -> bytes:
+        if flags:
+            data: bytes = self.sock.recv(n, flags)
+            return data
+        return self._recv(n)
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        if flags:
+            sent: int = self.sock.send(data, flags)
+            return sent
+        self._send(data)
+        return len(data)
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        if flags:
+            self.sock.sendall(data, flags)
+        else:
+            self._send(data)
+
+    def settimeout(self, seconds: Optional[float]) -> None:
+        self.sock.settimeout(seconds)
+        self._rcv = self._snd = seconds
+        self._kernel = False
+
+    def gettimeout(self) -> Optional[float]:
+        timeout: Optional[float] = self.sock.gettimeout()
+        return timeout
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+# -- name resolution, bounded -------------------------------------------------------------
+
+_AddrInfo = Tuple[Any, Any, int, str, Any]
+_MIN_ATTEMPT = 0.5  # seconds: the least time one address gets while others wait
+#: In-flight lookups by (host, port): concurrent connects to one name share one helper.
+_LOOKUPS: Dict[Tuple[str, int], "_Lookup"] = {}
+if hasattr(os, "register_at_fork"):
+    # A forked child has none of the parent's helper threads: their lookups never end.
+    os.register_at_fork(after_in_child=_LOOKUPS.clear)
+
+
+class _Lookup:
+    """One getaddrinfo() running in a helper thread (a greenlet under gevent)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.done = _compat.Event()
+        self.result: List[_AddrInfo] = []
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            self.result = socket.getaddrinfo(self.host, self.port, 0, socket.SOCK_STREAM)
+        except BaseException as exc:  # handed to the waiters, never lost
+            self.error = exc
+        finally:
+            _LOOKUPS.pop((self.host, self.port), None)
+            self.done.set()
+
+
+def resolve(host: str, port: int, timeout: float, pool_name: str = "") -> List[_AddrInfo]:
+    """Every address of ``host`` for a TCP connect, in the resolver's order, within
+    ``timeout`` seconds.
+
+    An IP literal is parsed in place.  A name is looked up by ``getaddrinfo()`` in a
+    daemon helper thread (``thriftpool-<pool>-resolver``; under gevent a greenlet, so
+    gevent's resolver runs it) while the caller waits at most ``timeout``; the helper
+    finishes on its own if the system resolver hangs.  Concurrent lookups of one name
+    share one helper.
+
+    :raises TTransportException: ``NOT_OPEN`` when the host is invalid, unknown, or not
+        resolved in time.
+    """
+    where = f"{host}:{port}"
+    # IP literals without getaddrinfo(): gevent's resolver would start its thread pool
+    # for them, and they need no lookup.
+    try:
+        socket.inet_pton(socket.AF_INET, host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    except OSError:
+        pass
+    except (UnicodeError, ValueError, TypeError) as exc:  # e.g. a NUL byte
+        raise TTransportException(type=TTransportException.NOT_OPEN,
+                                  message=f"invalid host {host!r}: {exc}") from exc
+    try:
+        socket.inet_pton(socket.AF_INET6, host)
+        return [(socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "",
+                 (host, port, 0, 0))]
+    except OSError:
+        pass  # a name to look up (or an IPv6 literal with a scope: getaddrinfo() parses it)
+    key = (host, port)
+    lookup = _LOOKUPS.get(key)
+    if lookup is None:
+        new = _Lookup(host, port)
+        lookup = _LOOKUPS.setdefault(key, new)
+        if lookup is new:
+            _compat.spawn(new.run, f"thriftpool-{pool_name}-resolver")
+    if not lookup.done.wait(max(timeout, 0.0)):
+        raise TTransportException(
+            type=TTransportException.NOT_OPEN,
+            message=f"Could not connect to {where}: resolving {host!r} took more than "
+                    f"{timeout:.3g}s")
+    if lookup.error is not None:
+        raise TTransportException(
+            type=TTransportException.NOT_OPEN,
+            message=f"Could not connect to {where}: cannot resolve {host!r}: "
+                    f"{lookup.error}") from lookup.error
+    if not lookup.result:
+        raise TTransportException(type=TTransportException.NOT_OPEN,
+                                  message=f"Could not connect to {where}: no address")
+    return list(lookup.result)
+
+
+class BoundedTSocket(WireBounds, TSocket):
+    """thriftpy2's client ``TSocket`` with whole-call deadlines and reply-size limits.
+
+    ``open()`` resolves the host within the connect budget (:func:`resolve`), tries every
+    address it returns in order, each with a share of the time left, and does the TLS
+    handshake (with an ``ssl_context``) before any byte of Thrift is written, so nothing
+    is ever sent in plaintext to a server that fails it.  Every failure raises
+    ``TTransportException(NOT_OPEN)`` with the cause chained and named in the message
+    (thriftpy2's own ``TSSLSocket`` reduces it to "Could not connect").  Verification
+    follows the context.
+    """
+
+    def __init__(self, host: str, port: int, config: "PoolConfig",
+                 timeout: Optional[float] = None) -> None:
+        super().__init__(host, port,  # type: ignore[no-untyped-call]
+                         socket_timeout=_ms(config.socket_timeout),
+                         connect_timeout=_ms(config.connect_timeout))
+        self._host = host
+        self._port = port
+        self.ssl_context = config.ssl_context
+        self.server_hostname = config.server_hostname or host
+        self.tls = config.ssl_context is not None
+        self._config = config
+        budget = config.connect_timeout if timeout is None else min(
+            timeout, config.connect_timeout)
+        self._connect_budget = max(budget, 0.0)
 
     def open(self) -> None:
-        self._init_sock()
-        sock = self.sock
-        addr = f"{self.host}:{self.port}"
-        try:
-            sock.settimeout(self.connect_timeout)
-            sock.connect((self.host, self.port))
-            sock.settimeout(self.socket_timeout)
-        except ssl.SSLError as exc:
-            self.close()  # type: ignore[no-untyped-call]
+        config = self._config
+        budget = self._connect_budget
+        ends = _monotonic() + budget
+        host, port = self._host, self._port
+        where = str(Address(host, port))
+        infos = resolve(host, port, budget, config.name)
+        last: Optional[BaseException] = None
+        sock: Optional[socket.socket] = None
+        for i, (family, socktype, proto, _, sockaddr) in enumerate(infos):
+            left = ends - _monotonic()
+            if left <= 0:
+                break
+            share = left / (len(infos) - i)
+            if share < _MIN_ATTEMPT:
+                share = min(left, _MIN_ATTEMPT)
+            candidate = socket.socket(family, socktype, proto)
+            try:
+                candidate.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                candidate.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                candidate.settimeout(share)
+                candidate.connect(sockaddr)
+            except OSError as exc:
+                candidate.close()
+                last = exc
+                continue
+            sock = candidate
+            break
+        if sock is None:
+            tried = f"{len(infos)} addresses" if len(infos) > 1 else "its address"
             raise TTransportException(
                 type=TTransportException.NOT_OPEN,
-                message=f"TLS handshake with {addr} failed: {exc}") from exc
-        except OSError as exc:
-            self.close()  # type: ignore[no-untyped-call]
-            raise TTransportException(
-                type=TTransportException.NOT_OPEN,
-                message=f"Could not connect to {addr}: {exc}") from exc
+                message=f"Could not connect to {where} (tried {tried} in "
+                        f"{budget:.3g}s): {last or 'timed out'}") from last
+        if self.ssl_context is not None:
+            try:
+                sock.settimeout(max(ends - _monotonic(), 1e-3))
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.server_hostname)
+            except ssl.SSLError as exc:
+                sock.close()
+                raise TTransportException(
+                    type=TTransportException.NOT_OPEN,
+                    message=f"TLS handshake with {where} failed: {exc}") from exc
+            except OSError as exc:
+                sock.close()
+                raise TTransportException(
+                    type=TTransportException.NOT_OPEN,
+                    message=f"TLS handshake with {where} failed: {exc}") from exc
+        self.sock = sock
 
+    # thriftpy2's transports call read() and write(): the wire's own, with no frame
+    # in between (EOF raises, as thriftpy2's TSocket.read does).
+    _eof_raises = True
+    read = WireBounds._recv  # type: ignore[assignment]
+    write = WireBounds._send  # type: ignore[assignment]
+
+
+class BoundedCompactProtocol(TCompactProtocol):
+    """thriftpy2's (pure-Python) compact protocol with every length checked against
+    ``max_message_size`` before anything is read or allocated for it, and struct
+    nesting bounded as thriftpy2's Cython binary protocol bounds it."""
+
+    def __init__(self, trans: Any, limit: Optional[int], decode_response: bool = True,
+                 strict_decode: bool = False, max_depth: int = 64) -> None:
+        super().__init__(trans, decode_response=decode_response,  # type: ignore[no-untyped-call]
+                         strict_decode=strict_decode)
+        self._limit = limit
+        self._max_depth = max_depth
+        self._depth = 0
+
+    def _read_size(self) -> int:
+        # A size is a varint of at most 5 bytes (32 bits); read_varint() would take any.
+        result = shift = 0
+        read = self.trans.read
+        for _ in range(5):
+            byte = ord(read(1))
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                break
+            shift += 7
+        else:
+            raise _protocol_error(TProtocolException.INVALID_DATA,
+                                     "a compact size longer than 5 bytes")
+        if result > 0x7FFFFFFF:
+            raise _protocol_error(TProtocolException.NEGATIVE_SIZE,
+                                     f"negative compact size {result - (1 << 32)}")
+        limit = self._limit
+        if limit is not None and result > limit:
+            raise _protocol_error(
+                TProtocolException.SIZE_LIMIT,
+                f"a length of {result} is more than max_message_size ({limit})")
+        return result
+
+    def read_struct(self, obj: Any) -> Any:
+        depth = self._depth + 1
+        if depth > self._max_depth:
+            raise _protocol_error(DEPTH_LIMIT,
+                                     f"structs nested more than {self._max_depth} deep")
+        self._depth = depth
+        try:
+            return super().read_struct(obj)  # type: ignore[no-untyped-call]
+        finally:
+            self._depth = depth - 1
 
 def connection_expiry(config: "PoolConfig", now: float) -> float:
     """When a connection opened ``now`` is to be replaced (``max_lifetime``, jittered so
@@ -366,12 +990,14 @@ class Connection:
     """
 
     __slots__ = ("address", "socket", "transport", "protocol", "created_at", "expires_at",
-                 "idle_since", "seqid", "in_call", "sent", "detached", "_poller", "_fd",
-                 "_tls", "uses", "last_beat", "gen", "out_at", "out_thread", "out_stack",
-                 "leak_reported", "failed_calls")
+                 "idle_since", "seqid", "in_call", "sent", "detached", "timeout", "timeouts",
+                 "_poller", "_fd", "_tls", "uses", "last_beat", "gen", "out_at", "out_thread",
+                 "out_stack", "leak_reported", "failed_calls")
 
-    def __init__(self, address: Address, tsocket: TSocket, transport: Any, protocol: Any,
-                 created_at: float, expires_at: float) -> None:
+    def __init__(self, address: Address, tsocket: BoundedTSocket, transport: Any,
+                 protocol: Any, created_at: float, expires_at: float,
+                 timeout: Optional[float] = None,
+                 timeouts: Optional[Dict[str, Optional[float]]] = None) -> None:
         self.address = address
         self.socket = tsocket
         self.transport = transport
@@ -393,6 +1019,10 @@ class Connection:
         self.out_stack: Any = None
         self.leak_reported = False
         self.failed_calls = 0  # calls that raised, ever (a checkout takes the difference)
+        #: The whole-call timeout of every call, and per method (``None``: none differ).
+        self.timeout = timeout
+        self.timeouts = timeouts
+        self._tls = bool(getattr(tsocket, "tls", False))
         sock = tsocket.sock
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._fd = sock.fileno() if sock is not None else -1
@@ -406,57 +1036,73 @@ class Connection:
     @classmethod
     def open(cls, address: Address, config: "PoolConfig", tls_required: bool = False,
              timeout: Optional[float] = None) -> "Connection":
-        """Connect to ``address`` (and do the TLS handshake when the pool has an
-        ``ssl_context``); blocks up to ``timeout`` (default ``config.connect_timeout``).
+        """Resolve, connect to ``address`` and, when the pool has an ``ssl_context``, do
+        the TLS handshake, all within ``config.connect_timeout`` in total (or ``timeout``
+        when smaller: pass the time left in a deadline); every address the host resolves
+        to is tried in order (see :class:`BoundedTSocket`).
 
         :param tls_required: the instance advertises TLS; refuse to connect in plaintext.
-        :raises TTransportException: ``NOT_OPEN`` when the connect or the handshake fails
-            or times out, or when plaintext would go to an instance that requires TLS.
+        :param timeout: a tighter bound than ``connect_timeout`` for this connect.
+        :raises TTransportException: ``NOT_OPEN`` when anything in the connect fails or
+            times out, or when plaintext would go to an instance that requires TLS.
         """
         if config.spec is not None and config.spec.stack == "apache":
             from .apache import open_connection  # the Apache stack (optional package)
             return open_connection(cls, address, config, tls_required, timeout)
-        connect_timeout = config.connect_timeout if timeout is None else timeout
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        tsocket: TSocket
-        if config.ssl_context is not None:
-            tsocket = TLSSocket(address.host, address.port, config.ssl_context,
-                                config.server_hostname, socket_family=family,
-                                socket_timeout=_ms(config.socket_timeout),
-                                connect_timeout=_ms(connect_timeout))
-        elif tls_required:
+        if config.ssl_context is None and tls_required:
             raise TTransportException(
                 type=TTransportException.NOT_OPEN,
                 message=f"instance {address} requires TLS and the pool has no ssl_context: "
                         "refusing to send plaintext")
-        else:
-            tsocket = TSocket(  # type: ignore[no-untyped-call]
-                address.host, address.port, socket_family=family,
-                socket_timeout=_ms(config.socket_timeout),
-                connect_timeout=_ms(connect_timeout))
+        tsocket = BoundedTSocket(address.host, address.port, config, timeout)
         transport = config.transport_factory.get_transport(tsocket)
-        protocol = config.protocol_factory.get_protocol(transport)
-        transport.open()
-        if not isinstance(tsocket, TLSSocket) and tsocket.sock is not None:
-            # (TLSSocket.open() already left socket_timeout on the socket.)
-            _set_call_timeout(tsocket.sock, config.socket_timeout)
+        factory = config.protocol_factory
+        limit = config.max_message_size
+        if type(factory) is TCompactProtocolFactory:
+            protocol: Any = BoundedCompactProtocol(
+                transport, limit, decode_response=factory.decode_response,
+                strict_decode=factory.strict_decode)
+        else:
+            protocol = factory.get_protocol(transport)
+        try:
+            transport.open()
+        except TTransportException:
+            raise
+        except Exception as exc:  # whatever fails in a connect is a connect failure
+            tsocket.close()  # type: ignore[no-untyped-call]
+            raise TTransportException(
+                type=TTransportException.NOT_OPEN,
+                message=f"Could not connect to {address}: {type(exc).__name__}: {exc}"
+            ) from exc
+        tsocket.bound(config.socket_timeout, limit,
+                      framed=isinstance(transport, (TCyFramedTransport, TFramedTransport)),
+                      tls=tsocket.tls, peer=str(address))
         now = _compat.monotonic()
         if config.max_lifetime is None:
             expires = float("inf")
         else:
             # Jitter the lifetime so connections opened together do not all expire together.
             expires = now + config.max_lifetime * (1.0 - random.uniform(0, config.lifetime_jitter))
-        return cls(address, tsocket, transport, protocol, now, expires)
+        return cls(address, tsocket, transport, protocol, now, expires, config.socket_timeout,
+                   dict(config.method_timeouts) or None)
 
     def set_call_timeout(self, seconds: Optional[float]) -> None:
-        """Set the per-call timeout again (after a temporary one, e.g. a heartbeat's)."""
-        sock = self.socket.sock
-        if sock is None:
-            return
-        if self._tls:
-            sock.settimeout(seconds)
-        else:
-            _set_call_timeout(sock, seconds)
+        """Make ``seconds`` the whole-call timeout of the calls that follow (methods with
+        a ``method_timeouts`` entry keep theirs), and put it on the socket now."""
+        self.timeout = seconds
+        self.socket.force_timeout(seconds)
+
+    @contextlib.contextmanager
+    def call_timeout(self, seconds: Optional[float]) -> Iterator[None]:
+        """Bound every call inside the block by ``seconds`` in all, whatever its method
+        (for a heartbeat); the connection's timeouts are back after the block.  A
+        ``deadline()`` still applies."""
+        saved = self.timeout, self.timeouts
+        self.timeout, self.timeouts = seconds, None
+        try:
+            yield
+        finally:
+            self.timeout, self.timeouts = saved
 
     def peer_closed(self) -> bool:
         """Tell, without blocking, whether the idle socket is unusable.

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 __all__ = [
     "ClientReleased",
+    "DeadlineExceeded",
     "NoAvailableInstance",
     "PoolClosed",
     "PoolExhausted",
@@ -64,3 +65,26 @@ class ClientReleased(ThriftPoolError):
 
 class ReplyMismatch(ThriftPoolError):
     """A reply's sequence id or method name did not match the request; the socket was dropped."""
+
+
+class DeadlineExceeded(ThriftPoolError, TimeoutError):
+    """The time left in a :func:`thriftpool.deadline` block ran out.
+
+    Also a :class:`TimeoutError` (so ``except socket.timeout`` catches it).  ``timeout`` is
+    the whole budget of the innermost deadline in seconds, when known; ``what`` names the
+    step that had no time left (``"echo()"``, ``"checkout"``, ...).
+    """
+
+    def __init__(self, message: str, *, timeout: Optional[float] = None,
+                 what: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+        self.what = what
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_deadline_exceeded, (str(self), self.timeout, self.what))
+
+
+def _rebuild_deadline_exceeded(message: str, timeout: Optional[float],
+                               what: Optional[str]) -> DeadlineExceeded:
+    return DeadlineExceeded(message, timeout=timeout, what=what)

@@ -17,13 +17,13 @@ import threading
 import warnings
 import weakref
 from types import ModuleType, TracebackType  # noqa: F401
-from typing import Any, Callable, Dict, Iterable, List, Optional, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Type, Union
 
 from . import _compat
 from .address import AddressLike, Endpoint
 from .balancer import Balancer, make_balancer
 from .checkout import Checkout, Router
-from .config import UNSET, PoolConfig, _check_seconds
+from .config import DEFAULT_MAX_MESSAGE_SIZE, UNSET, PoolConfig, _check_seconds
 from .connection import Connection
 from .discovery.base import Discovery
 from .discovery.static import StaticDiscovery
@@ -123,7 +123,15 @@ class ThriftPool:
     :param lifetime_jitter: each connection's lifetime is shortened by a random fraction
         up to this much, so connections opened together do not expire together.
     :param connect_timeout: seconds to wait for a TCP connect.
-    :param socket_timeout: seconds a call may wait on the socket; ``None`` waits forever.
+    :param socket_timeout: seconds a whole call may take, from its first request byte to
+        the last byte of its reply, however the server spaces its bytes; ``None`` waits
+        forever.  Inside a :func:`thriftpool.deadline` block a call takes the smaller of
+        this and the time left.
+    :param method_timeouts: ``{"method": seconds}``: the call timeout of the methods named
+        (``None``: no timeout), instead of ``socket_timeout``.
+    :param max_message_size: largest reply, in bytes, a call will read (default 64 MiB);
+        frame, string and container lengths above it are refused before anything is
+        allocated for them; ``None`` lifts the limit.
     :param transport: ``"buffered"`` or ``"framed"``, or a thriftpy2 transport factory.
     :param protocol: ``"binary"`` or ``"compact"``, or a thriftpy2 protocol factory.
     :param on_exhausted: called with an :class:`ExhaustedEvent` each time a checkout times
@@ -220,6 +228,8 @@ class ThriftPool:
         leak_timeout: Optional[float] = None,
         max_ejection_percent: int = 50,
         failure_classifier: Optional[Callable[[BaseException], bool]] = None,
+        method_timeouts: Optional[Mapping[str, Optional[float]]] = None,
+        max_message_size: Optional[int] = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self._closed = True  # until fully built, so __del__ and close() are safe
         spec = describe_service(service)  # one stack per pool; ValueError for others
@@ -242,7 +252,8 @@ class ThriftPool:
             idempotent=idempotent, retry_budget=retry_budget, ssl_context=ssl_context,
             server_hostname=server_hostname, subset_size=subset_size, subset_key=subset_key,
             max_waiting=max_waiting, leak_timeout=leak_timeout,
-            max_ejection_percent=max_ejection_percent, failure_classifier=failure_classifier)
+            max_ejection_percent=max_ejection_percent, failure_classifier=failure_classifier,
+            method_timeouts=method_timeouts, max_message_size=max_message_size)
         if discovery is None:
             raise ValueError("discovery must be a Discovery or a list of addresses")
         if not isinstance(discovery, Discovery):
@@ -409,9 +420,8 @@ class ThriftPool:
         beat_timeout = config.connect_timeout if config.socket_timeout is None \
             else min(config.socket_timeout, config.connect_timeout)
         try:
-            conn.set_call_timeout(beat_timeout)
-            client._req(config.heartbeat)  # type: ignore[arg-type]
-            conn.set_call_timeout(config.socket_timeout)
+            with conn.call_timeout(beat_timeout):  # the whole call, whatever its method
+                client._req(config.heartbeat)  # type: ignore[arg-type]
         finally:
             client._conn = None
 

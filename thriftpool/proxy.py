@@ -6,6 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set
 
 from .checkout import Checkout
+from .errors import DeadlineExceeded
 
 if TYPE_CHECKING:
     from .checkout import Router
@@ -35,7 +36,8 @@ def invoke(router: "Router", policy: "RetryPolicy", api: str, args: Any, kwargs:
                 return client._req(api, *args, **kwargs)
         except Exception as exc:
             inst = checkout.instance
-            if inst is None or not policy.may_retry(api, exc, attempt, checkout.sent):
+            if (inst is None or isinstance(exc, DeadlineExceeded)
+                    or not policy.may_retry(api, exc, attempt, checkout.sent)):
                 raise
             attempt += 1
             exclude = (exclude or set()) | {inst}

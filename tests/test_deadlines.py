@@ -225,8 +225,6 @@ def test_no_retry_once_the_deadline_is_spent(liar, make_pool):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="LEAD (core): a checkout inside deadline() must wait "
-                   "at most the time left and raise DeadlineExceeded (use deadlines.clamp)")
 def test_a_checkout_wait_is_bounded_by_the_deadline(farm, make_pool):
     server = farm.one()
     pool = make_pool([server.address], min_size=0, max_size=1, checkout_timeout=1.5)
@@ -239,8 +237,33 @@ def test_a_checkout_wait_is_bounded_by_the_deadline(farm, make_pool):
                 with pool.checkout():
                     pass
         assert time.monotonic() - started < 0.8
+        # A checkout's own timeout, shorter than the deadline, stays PoolExhausted.
+        with thriftpool.deadline(5):
+            with pytest.raises(thriftpool.PoolExhausted) as info:
+                with pool.checkout(timeout=0.1):
+                    pass
+            assert not isinstance(info.value, DeadlineExceeded)
+        # No time left at all: DeadlineExceeded at once, nothing waited for.
+        with thriftpool.deadline(0):
+            with pytest.raises(DeadlineExceeded):
+                with pool.checkout():
+                    pass
+        assert pool.stats()["waiting"] == 0
     finally:
         holder.__exit__(None, None, None)
+
+
+@pytest.mark.timeout(30)
+def test_connects_inside_a_deadline_take_only_the_time_left(make_pool, fault_proxy):
+    hung = fault_proxy("127.0.0.1:9")
+    hung.deaf()  # connects hang
+    pool = make_pool([hung.address], min_size=0, connect_timeout=5, checkout_timeout=5)
+    started = time.monotonic()
+    with thriftpool.deadline(0.3):
+        with pytest.raises(DeadlineExceeded):
+            with pool.checkout():
+                pass
+    assert time.monotonic() - started < 0.7
 
 
 def test_deadline_is_exported():

@@ -376,3 +376,14 @@ def test_the_other_stacks_factories_are_refused(stack):
     with pytest.raises(ValueError, match="transport"):
         thriftpool.ThriftPool(stack.service, ["127.0.0.1:1"],
                               transport=TFramedTransportFactory())
+
+
+def test_a_trial_call_is_answered_without_running_any_method(stack, farm, pools):
+    """The probe of an instance that refused calls: a method no service has, which every
+    Thrift server answers with UNKNOWN_METHOD; the connection stays usable."""
+    (server,) = stack.start(farm)
+    pool = pools(stack, [server.address], min_size=0)
+    with pool.checkout() as client:
+        client._trial(1.0)
+        assert client.echo("after") == "after"
+    assert instance(pool, server)["closed"] == 0

@@ -46,7 +46,7 @@ from thrift.protocol.TCompactProtocol import (
 )
 from thrift.protocol.THeaderProtocol import THeaderProtocol, THeaderProtocolFactory
 from thrift.protocol.TProtocol import TProtocolException
-from thrift.Thrift import TMessageType, TProcessor
+from thrift.Thrift import TApplicationException, TMessageType, TProcessor
 from thrift.transport.THeaderTransport import THeaderClientType
 from thrift.transport.TSocket import TSocket
 from thrift.transport.TTransport import (
@@ -437,6 +437,35 @@ class ApacheClientMixin:
                 f"{_api}() called after its checkout ended; its connection may belong "
                 "to another caller now")
         return self._calls[_api](self, *args, **kwargs)
+
+    def _trial(self, timeout: Optional[float]) -> None:
+        """As :meth:`thriftpool.connection.PooledClient._trial`: a call of a method no
+        service has, answered with ``TApplicationException(UNKNOWN_METHOD)``."""
+        from .connection import TRIAL_METHOD
+
+        conn = self._pooled_conn
+        assert conn is not None
+        oprot = self._oprot
+        saved = oprot._call_timeout, oprot._method_timeouts
+        oprot._call_timeout, oprot._method_timeouts = timeout, {}
+        try:
+            oprot.writeMessageBegin(TRIAL_METHOD, TMessageType.CALL, 0)
+            oprot.writeStructBegin("trial_args")
+            oprot.writeFieldStop()
+            oprot.writeStructEnd()
+            oprot.writeMessageEnd()
+            oprot.trans.flush()
+            conn.sent = True
+            iprot = self._iprot
+            _, mtype, _ = iprot.readMessageBegin()
+            if mtype != TMessageType.EXCEPTION:
+                raise ReplyMismatch(f"trial call on {conn}: reply type {mtype}")
+            x = TApplicationException()
+            x.read(iprot)
+            iprot.readMessageEnd()
+            conn.in_call = False
+        finally:
+            oprot._call_timeout, oprot._method_timeouts = saved
 
     def _header_protocol(self) -> Any:
         prot = self._oprot

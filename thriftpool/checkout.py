@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Set, Tup
 from . import _compat
 from .config import _check_seconds
 from .connection import APPLICATION_ERRORS, Connection, is_connect_error, should_discard
+from .deadlines import _CURRENT as _CURRENT_DEADLINE
+from .deadlines import clamp
 from .errors import NoAvailableInstance, PoolClosed, PoolExhausted
 from .calls import call_client_factory
 from .events import CALL_EVENTS, Emitter, ExhaustedEvent
@@ -129,7 +131,18 @@ class Router:
                     self.checkin_discard(picked, conn, "peer_closed" if dead else "expired")
         if state.closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
-        return self._route(picked, exclude, now, wait)
+        if _CURRENT_DEADLINE.get() is None:
+            return self._route(picked, exclude, now, wait)
+        # Inside thriftpool.deadline(): the whole checkout (waiting, connects, failover)
+        # takes at most the time left, and running out of it is DeadlineExceeded.
+        wait_left, binding = clamp(wait, "checkout")
+        assert wait_left is not None
+        try:
+            return self._route(picked, exclude, now, wait_left)
+        except (PoolExhausted, NoAvailableInstance) as exc:
+            if binding is not None and binding.expired():
+                raise binding.exceeded("checkout", f"({exc})") from exc
+            raise
 
     def _route(self, picked: Optional["InstancePool"], exclude: Optional[Set["InstancePool"]],
                start: float, wait: float) -> Tuple["InstancePool", Connection]:

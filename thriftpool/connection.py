@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 
 from thriftpy2.protocol.compact import TCompactProtocol, TCompactProtocolFactory
 from thriftpy2.protocol.exc import TProtocolException
-from thriftpy2.thrift import TApplicationException, TClient, TMessageType, args_to_kwargs
+from thriftpy2.thrift import (TApplicationException, TClient, TMessageType, TPayload,
+                             args_to_kwargs)
 from thriftpy2.transport import (
     TCyFramedTransport,
     TFramedTransport,
@@ -361,6 +362,36 @@ class PooledClient(TClient):
             raise TApplicationException(TApplicationException.MISSING_RESULT)
         return None
 
+    def _trial(self, timeout: Optional[float]) -> None:
+        """Prove the server answers calls on this connection without running any of its
+        methods: call a method no service has; a Thrift server answers that with
+        ``TApplicationException(UNKNOWN_METHOD)``, which is success here.  A TLS session
+        the server refused, a hang-up or no answer within ``timeout`` raises."""
+        conn = self._conn
+        assert conn is not None
+        seqid = conn.seqid + 1
+        if seqid > _MAX_SEQID:
+            seqid = 1
+        conn.seqid = self._seqid = seqid
+        conn.in_call = True
+        conn.sent = False
+        conn.socket.begin(timeout)
+        oprot = self._oprot
+        oprot.write_message_begin(TRIAL_METHOD, TMessageType.CALL, seqid)
+        _TrialArgs().write(oprot)
+        oprot.write_message_end()
+        oprot.trans.flush()
+        conn.sent = True
+        iprot = self._iprot
+        fname, mtype, rseqid = iprot.read_message_begin()
+        if rseqid != seqid or fname != TRIAL_METHOD or mtype != TMessageType.EXCEPTION:
+            raise ReplyMismatch(f"trial call on {conn}: reply {fname!r} seqid {rseqid} "
+                                f"type {mtype}")
+        x = TApplicationException()
+        x.read(iprot)
+        iprot.read_message_end()
+        conn.in_call = False
+
     def _mark_complete(self) -> None:
         conn = self._conn
         if conn is not None:
@@ -372,6 +403,17 @@ class PooledClient(TClient):
     def __repr__(self) -> str:
         state = "released" if self._conn is None else str(self._conn.address)
         return f"<PooledClient {self._service.__name__} {state}>"
+
+
+#: The method name of a trial call (see :meth:`PooledClient._trial`): no IDL has it.
+TRIAL_METHOD = "__thriftpool_trial__"
+
+
+class _TrialArgs(TPayload):
+    """The empty arguments of a trial call."""
+
+    thrift_spec: Dict[int, Any] = {}
+    default_spec: List[Any] = []
 
 
 def _api_entry(service: Any, api: str) -> _Api:

@@ -51,7 +51,8 @@ class Health:
     """The health of one instance; mutated only under the pool's state lock."""
 
     __slots__ = ("state", "backoff", "threshold", "errors", "next_attempt_at",
-                 "last_failure_at", "last_attempt_at", "last_error", "probe_floor")
+                 "last_failure_at", "last_attempt_at", "last_error", "probe_floor",
+                 "needs_call")
 
     def __init__(self, backoff: Backoff, failure_threshold: int, probe_floor: float) -> None:
         self.state = HealthState.HEALTHY
@@ -63,6 +64,10 @@ class Health:
         self.last_attempt_at = 0.0
         self.last_error: Optional[BaseException] = None
         self.probe_floor = probe_floor  # panic mode: at most one probe this often
+        # A call, not a connect, failed as a connect does (a TLS session refused at its
+        # first read): a connect alone proves nothing, so the watchdog's probe makes a
+        # trial call before the instance is restored.
+        self.needs_call = False
 
     @property
     def serving(self) -> bool:
@@ -101,9 +106,17 @@ class Health:
                               f"{self.errors} calls in a row failed")
         return None
 
+    def call_refused(self, now: float, error: BaseException) -> Ejection:
+        """A call on a fresh connection was refused as a failed connect is (a TLS
+        session the server rejected): eject as :meth:`connect_failed` does, and let only
+        a successful (trial) call restore the instance."""
+        self.needs_call = True
+        return self.connect_failed(now, error)
+
     def call_succeeded(self) -> None:
         """A call was answered: forget the failure streak and the backoff."""
         self.errors = 0
+        self.needs_call = False
         self.backoff.reset()
 
     def connected(self) -> bool:
@@ -112,6 +125,7 @@ class Health:
             return False
         self.state = HealthState.HEALTHY
         self.next_attempt_at = 0.0
+        self.needs_call = False  # (the watchdog made its trial call first)
         return True
 
     def may_probe(self, now: float, panic: bool = False) -> bool:

@@ -217,6 +217,8 @@ def _open(state: PoolState, inst: "InstancePool", to_open: int, probe: bool,
             started = _compat.monotonic()
             try:
                 conn = state.connect(inst.address, config, inst.tls)
+                if probe and inst.health.needs_call:
+                    _trial(state, conn)
             except Exception as exc:
                 left -= 1
                 report_ejection(state, inst, state.open_failed(
@@ -241,6 +243,22 @@ def _open(state: PoolState, inst: "InstancePool", to_open: int, probe: bool,
                 if probe:
                     inst.health.probe_abandoned()
                 state._after_capacity_change_locked(inst)
+
+
+def _trial(state: PoolState, conn: Connection) -> None:
+    """Before an instance that refused calls (not connects) is restored: one trial call
+    on the probe's connection, bounded like a connect.  A failure closes it and raises."""
+    spec = state.config.spec
+    if spec is None:
+        return
+    client = spec.make_client(conn)
+    try:
+        client._trial(state.config.connect_timeout)
+    except BaseException:
+        conn.close()
+        raise
+    finally:
+        client._conn = None
 
 
 def close_all(state: PoolState, closing: List[Closing], events: "Emitter") -> None:

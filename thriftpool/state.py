@@ -59,6 +59,12 @@ def _open_connection(*args: Any, **kwargs: Any) -> "Connection":
     return Connection.open(*args, **kwargs)
 
 
+def _refused(error: BaseException) -> bool:
+    from .connection import is_connect_error
+
+    return is_connect_error(error)
+
+
 class Reroute(ThriftPoolError):
     """Internal: what this checkout waited for went away; route it again."""
 
@@ -481,7 +487,15 @@ class PoolState:
                     counters.calls += calls
                     counters.call_errors += call_errors
             health = inst.health
-            if failure is not None:
+            if failure is not None and _refused(failure):
+                # Refused before the server's application read it (TLS): a failed
+                # connect, not subject to the ejection cap.
+                ejection = health.call_refused(now, failure)
+                inst.healthy = health.serving
+                if self.subsetter is not None:
+                    self._resubset_locked()
+                self._note_ejection_locked(inst, ejection)
+            elif failure is not None:
                 ejection = health.call_failed(now, failure, self._may_eject_locked(inst))
                 if ejection is not None:
                     inst.healthy = health.serving

@@ -412,8 +412,8 @@ TRIAL_METHOD = "__thriftpool_trial__"
 class _TrialArgs(TPayload):
     """The empty arguments of a trial call."""
 
-    thrift_spec: Dict[int, Any] = {}
-    default_spec: List[Any] = []
+    thrift_spec = {}  # type: ignore[var-annotated]
+    default_spec = []  # type: ignore[var-annotated]
 
 
 def _api_entry(service: Any, api: str) -> _Api:

@@ -133,7 +133,7 @@ class FakeWorld:
     """A ThriftPool over fake instances; the watchdog never runs on its own
     (``maintain()`` runs a pass), connects are instant unless told otherwise."""
 
-    def __init__(self, monkeypatch, addresses=("10.0.0.1:1", "10.0.0.2:1"), **options) -> None:
+    def __init__(self, monkeypatch, addresses=("127.0.0.1:1", "127.0.0.2:1"), **options) -> None:
         self.clock = FakeClock()
         monkeypatch.setattr(_compat, "monotonic", self.clock)
         self.hooks = Hooks()
@@ -144,9 +144,15 @@ class FakeWorld:
         options.setdefault("max_size", 2)
         options.setdefault("checkout_timeout", 1.0)
         options.setdefault("name", "fake")
+        # Every connect of this pool, its watchdog's from the very first pass included,
+        # goes to the fake: nothing ever reaches the network.
+        import thriftpool.state
+        monkeypatch.setattr(thriftpool.state, "_open_connection", self.connect)
         self.pool = thriftpool.ThriftPool(
             echo_thrift.Echo, list(addresses), listeners=[HookListener(self.hooks)],
             **options)
+        # Deterministic: no watchdog thread; a test runs a pass with maintain().
+        self.pool._watchdog.stop(timeout=5)
         self.state: PoolState = self.pool._state
         self.router: Router = self.pool._router
         self.state.connect = self.connect

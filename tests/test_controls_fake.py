@@ -57,7 +57,7 @@ class Leaks(thriftpool.PoolListener):
 # -- drain ---------------------------------------------------------------------------------
 
 def test_drain_closes_idle_at_once_and_in_use_at_checkin(world):
-    w = world(addresses=("10.0.0.1:1",), max_size=3)
+    w = world(addresses=("127.0.0.1:1",), max_size=3)
     held = hold(w, 3)
     release(held[:2])
     old = list(w.conns)
@@ -75,7 +75,7 @@ def test_drain_closes_idle_at_once_and_in_use_at_checkin(world):
 
 @pytest.mark.parametrize("point", ["connection_closed"])
 def test_drain_interrupted_while_closing_leaves_counts_exact(world, point):
-    w = world(addresses=("10.0.0.1:1",), max_size=3)
+    w = world(addresses=("127.0.0.1:1",), max_size=3)
     release(hold(w, 2))
     w.hooks.raise_at(point)
     with pytest.raises(Interrupted):
@@ -89,7 +89,7 @@ def test_drain_interrupted_while_closing_leaves_counts_exact(world, point):
 
 
 def test_drain_wait_times_out_and_leaves_no_registration(world):
-    w = world(addresses=("10.0.0.1:1",))
+    w = world(addresses=("127.0.0.1:1",))
     held = hold(w, 1)
     with pytest.raises(TimeoutError):
         w.pool.drain(wait=True, timeout=0.05)
@@ -99,7 +99,7 @@ def test_drain_wait_times_out_and_leaves_no_registration(world):
 
 
 def test_drain_wait_interrupted_leaves_no_registration(world, monkeypatch):
-    w = world(addresses=("10.0.0.1:1",))
+    w = world(addresses=("127.0.0.1:1",))
     held = hold(w, 1)
 
     class Boom:
@@ -118,7 +118,7 @@ def test_drain_wait_interrupted_leaves_no_registration(world, monkeypatch):
 
 
 def test_drain_wait_returns_when_the_last_old_connection_closes(world):
-    w = world(addresses=("10.0.0.1:1",))
+    w = world(addresses=("127.0.0.1:1",))
     held = hold(w, 1)
     done = []
     t = threading.Thread(target=lambda: done.append(w.pool.drain(wait=True, timeout=10)))
@@ -131,7 +131,7 @@ def test_drain_wait_returns_when_the_last_old_connection_closes(world):
 
 
 def test_a_connection_busy_in_a_heartbeat_is_drained_when_it_comes_back(world):
-    w = world(addresses=("10.0.0.1:1",), heartbeat="ping", heartbeat_interval=1)
+    w = world(addresses=("127.0.0.1:1",), heartbeat="ping", heartbeat_interval=1)
     release(hold(w, 1))
     beats = []
 
@@ -149,7 +149,7 @@ def test_a_connection_busy_in_a_heartbeat_is_drained_when_it_comes_back(world):
 # -- resize --------------------------------------------------------------------------------
 
 def test_shrink_then_checkin_keeps_the_cap(world):
-    w = world(addresses=("10.0.0.1:1",), max_size=4)
+    w = world(addresses=("127.0.0.1:1",), max_size=4)
     held = hold(w, 4)
     w.pool.resize(max_size=2)
     for h in held:
@@ -164,7 +164,7 @@ def test_shrink_then_checkin_keeps_the_cap(world):
 
 
 def test_growing_serves_a_queued_waiter(world):
-    w = world(addresses=("10.0.0.1:1",), max_size=1, checkout_timeout=10)
+    w = world(addresses=("127.0.0.1:1",), max_size=1, checkout_timeout=10)
     held = hold(w, 1)
     got = []
 
@@ -183,7 +183,7 @@ def test_growing_serves_a_queued_waiter(world):
 
 
 def test_resize_interrupted_while_closing_leaves_counts_exact(world):
-    w = world(addresses=("10.0.0.1:1",), max_size=3)
+    w = world(addresses=("127.0.0.1:1",), max_size=3)
     release(hold(w, 3))
     w.hooks.raise_at("connection_closed")
     with pytest.raises(Interrupted):
@@ -195,7 +195,7 @@ def test_resize_interrupted_while_closing_leaves_counts_exact(world):
 
 
 def test_resize_with_a_bad_value_changes_nothing(world):
-    w = world(addresses=("10.0.0.1:1",), max_size=3)
+    w = world(addresses=("127.0.0.1:1",), max_size=3)
     with pytest.raises(ValueError, match="min_size"):
         w.pool.resize(min_size=4)
     assert w.state.config.max_size == 3
@@ -205,7 +205,7 @@ def test_resize_with_a_bad_value_changes_nothing(world):
 # -- max_waiting ---------------------------------------------------------------------------
 
 def test_max_waiting_refuses_without_queueing_or_reserving(world):
-    w = world(addresses=("10.0.0.1:1",), max_size=1, max_waiting=1, checkout_timeout=10)
+    w = world(addresses=("127.0.0.1:1",), max_size=1, max_waiting=1, checkout_timeout=10)
     held = hold(w, 1)
     queued = w.pool.checkout()
     t = threading.Thread(target=queued.__enter__)
@@ -231,7 +231,7 @@ def test_max_waiting_refuses_without_queueing_or_reserving(world):
 # -- leak_timeout --------------------------------------------------------------------------
 
 def test_a_leak_is_reported_once_per_checkout(world):
-    w = world(addresses=("10.0.0.1:1",), leak_timeout=5)
+    w = world(addresses=("127.0.0.1:1",), leak_timeout=5)
     leaks = Leaks()
     w.pool._events._listeners += (leaks,)  # beside the fake world's own listener
     held = hold(w, 1)
@@ -254,7 +254,7 @@ def test_a_leak_is_reported_once_per_checkout(world):
 
 @pytest.mark.parametrize("point", ["checkout", "peer_closed"])
 def test_an_interrupted_checkout_is_not_counted(world, point):
-    w = world(addresses=("10.0.0.1:1",))
+    w = world(addresses=("127.0.0.1:1",))
     release(hold(w, 1))
     w.hooks.raise_at(point)
     with pytest.raises(Interrupted):

@@ -17,7 +17,6 @@ import thriftpool
 from thriftpool.state import Waiter
 
 from fakes import FakeWorld, Interrupted
-from servers import wait_for
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -78,7 +77,7 @@ def warm(w: FakeWorld) -> None:
 
 @pytest.mark.parametrize("point", ["peer_closed", "checkout"])
 def test_interrupt_after_taking_an_idle_connection(world, point):
-    w = world(addresses=["10.0.0.1:1"])
+    w = world(addresses=["127.0.0.1:1"])
     warm(w)
     w.hooks.raise_at(point)
     with pytest.raises(Interrupted):
@@ -95,19 +94,19 @@ def test_interrupt_after_taking_an_idle_connection(world, point):
 
 @pytest.mark.parametrize("point", ["connect", "connection_opened", "checkout"])
 def test_interrupt_while_opening_a_connection(world, point):
-    w = world(addresses=["10.0.0.1:1"])
+    w = world(addresses=["127.0.0.1:1"])
     w.hooks.raise_at(point)
     with pytest.raises(Interrupted):
         with w.pool.checkout():
             pass
     w.check(held=0)
-    inst = w.pool.stats()["instances"]["10.0.0.1:1"]
+    inst = w.pool.stats()["instances"]["127.0.0.1:1"]
     assert inst["healthy"] is True  # an interruption is not the server's fault
     full_round(w)
 
 
 def test_interrupt_while_waiting_leaves_the_queue(world, fake_wait):
-    w = world(addresses=["10.0.0.1:1"], max_size=1)
+    w = world(addresses=["127.0.0.1:1"], max_size=1)
     held = w.pool.checkout()
     held.__enter__()
 
@@ -128,7 +127,7 @@ def test_interrupt_while_waiting_leaves_the_queue(world, fake_wait):
 def test_interrupt_after_a_hand_off_gives_it_back(world, fake_wait, discard):
     """The holder checks in while we wait (a connection, or after a discard the right to
     open one, is handed to us), and then we are interrupted: it must go back."""
-    w = world(addresses=["10.0.0.1:1"], max_size=1)
+    w = world(addresses=["127.0.0.1:1"], max_size=1)
     held = w.pool.checkout()
     client = held.__enter__()
 
@@ -151,7 +150,7 @@ def test_interrupt_after_a_hand_off_gives_it_back(world, fake_wait, discard):
 
 @pytest.mark.parametrize("point", ["exhausted"])
 def test_interrupt_in_the_exhausted_listener(world, fake_wait, point):
-    w = world(addresses=["10.0.0.1:1"], max_size=1, checkout_timeout=0.5)
+    w = world(addresses=["127.0.0.1:1"], max_size=1, checkout_timeout=0.5)
     held = w.pool.checkout()
     held.__enter__()
     w.hooks.raise_at(point)
@@ -167,7 +166,7 @@ def test_on_exhausted_raising_a_base_exception(world, fake_wait):
     def alert(event):
         raise Interrupted("alert")
 
-    w = world(addresses=["10.0.0.1:1"], max_size=1, on_exhausted=alert)
+    w = world(addresses=["127.0.0.1:1"], max_size=1, on_exhausted=alert)
     held = w.pool.checkout()
     held.__enter__()
     with pytest.raises(Interrupted):
@@ -179,7 +178,7 @@ def test_on_exhausted_raising_a_base_exception(world, fake_wait):
 
 
 def test_interrupt_in_a_listener_during_checkin_discard(world):
-    w = world(addresses=["10.0.0.1:1"])
+    w = world(addresses=["127.0.0.1:1"])
     checkout = w.pool.checkout()
     client = checkout.__enter__()
     client._conn.in_call = True
@@ -194,12 +193,12 @@ def test_interrupt_in_a_listener_during_checkin_discard(world):
 # -- hand-offs ---------------------------------------------------------------------------
 
 def test_waiter_is_served_by_whichever_instance_frees_a_connection(world, fake_wait):
-    w = world(addresses=["10.0.0.1:1", "10.0.0.2:1"], max_size=1)
+    w = world(addresses=["127.0.0.1:1", "127.0.0.2:1"], max_size=1)
     a, b = w.pool.checkout(), w.pool.checkout()
     a.__enter__()
     b.__enter__()
     keys = {a.instance.key, b.instance.key}
-    assert keys == {"10.0.0.1:1", "10.0.0.2:1"}
+    assert keys == {"127.0.0.1:1", "127.0.0.2:1"}
     fake_wait.append(lambda: b.__exit__(None, None, None))
     with w.pool.checkout() as client:
         assert client._conn.address == b.instance.address
@@ -208,7 +207,7 @@ def test_waiter_is_served_by_whichever_instance_frees_a_connection(world, fake_w
 
 
 def test_a_discarded_socket_is_closed_before_its_slot_is_reused(world, fake_wait):
-    w = world(addresses=["10.0.0.1:1"], max_size=1)
+    w = world(addresses=["127.0.0.1:1"], max_size=1)
     held = w.pool.checkout()
     client = held.__enter__()
     order = []
@@ -236,14 +235,12 @@ def test_a_discarded_socket_is_closed_before_its_slot_is_reused(world, fake_wait
 
 
 def test_a_dropped_checkout_gives_its_slot_back(world):
-    w = world(addresses=["10.0.0.1:1"], max_size=1)
+    w = world(addresses=["127.0.0.1:1"], max_size=1)
     checkout = w.pool.checkout()
     checkout.__enter__()
     del checkout
     gc.collect()
-    # The finalizer woke the watchdog, which reclaims it.
-    wait_for(lambda: w.counts() == dict(idle=0, in_use=0, busy=0, opening=0, closing=0,
-                                        waiting=0), 5, message="the slot given back")
+    w.maintain()  # the watchdog's pass (its finalizer woke it) reclaims it
     w.check(held=0)
     assert [c.closes for c in w.conns] == [1]  # its state was unknown: closed
     full_round(w)
@@ -254,7 +251,7 @@ def test_a_dropped_checkout_gives_its_slot_back(world):
 def test_connects_share_the_checkout_deadline(world):
     """Every instance hangs on connect: each connect gets min(connect_timeout, time left)
     and the whole checkout ends within its own timeout."""
-    w = world(addresses=[f"10.0.0.{i}:1" for i in range(1, 5)], connect_timeout=0.5,
+    w = world(addresses=[f"127.0.0.{i}:1" for i in range(1, 5)], connect_timeout=0.5,
               checkout_timeout=0.1)
     timeouts = []
     original = w.connect
@@ -277,7 +274,7 @@ def test_connects_share_the_checkout_deadline(world):
 
 
 def test_panic_probes_at_most_once_per_instance_per_checkout(world):
-    addresses = [f"10.0.0.{i}:1" for i in range(1, 4)]
+    addresses = [f"127.0.0.{i}:1" for i in range(1, 4)]
     w = world(addresses=addresses, backoff_initial=0.01, backoff_jitter=0)
     w.refuse.update(addresses)
     with pytest.raises(thriftpool.NoAvailableInstance):
@@ -297,7 +294,7 @@ def test_panic_probes_at_most_once_per_instance_per_checkout(world):
 # -- heartbeats --------------------------------------------------------------------------
 
 def test_heartbeats_keep_idle_time_and_place_and_are_not_successes(world):
-    w = world(addresses=["10.0.0.1:1"], max_size=3, heartbeat="ping", heartbeat_interval=1,
+    w = world(addresses=["127.0.0.1:1"], max_size=3, heartbeat="ping", heartbeat_interval=1,
               idle_timeout=5, min_size=0)
     beats = []
     w.pool._heartbeat = lambda conn: beats.append(conn)  # type: ignore[method-assign]
@@ -320,4 +317,31 @@ def test_heartbeats_keep_idle_time_and_place_and_are_not_successes(world):
     w.clock.advance(1.5)
     w.maintain()  # idle for more than idle_timeout: reaped despite the heartbeats
     assert w.counts()["idle"] == 0
+    w.check(held=0)
+
+
+def test_replacing_expired_connections_never_counts_above_max_size(world):
+    """The watchdog closes what expired before it reserves the replacements: at no
+    instant do closing and opening together exceed max_size."""
+    w = world(addresses=["127.0.0.1:1"], max_size=2, min_size=2)
+    w.maintain()  # fills to min_size
+    assert w.counts()["idle"] == 2
+    inst = next(iter(w.state.instances.values()))
+    sizes = []
+    w.hooks.actions["connect"] = lambda: sizes.append(inst.size())
+    for conn in w.conns:
+        conn.expires_at = w.clock() + 10  # (fake connections never expire by themselves)
+        original = conn.close
+
+        def close(original=original):
+            sizes.append(inst.size())
+            original()
+
+        conn.close = close
+    w.clock.advance(11)
+    w.maintain()
+    w.hooks.actions["connect"] = lambda: sizes.append(inst.size())
+    w.maintain()
+    assert sizes and max(sizes) <= 2, sizes
+    assert w.counts()["idle"] == 2 and len([c for c in w.conns if not c.closes]) == 2
     w.check(held=0)

@@ -8,12 +8,13 @@ One pass over an instance, in order:
    nothing).  A readable idle socket was hung up on: it is closed, so ``min_size`` counts
    live connections.  A readable TLS socket may hold only a session ticket; it is taken
    aside (``busy``) for a non-blocking read and put back at its place if it is fine.
-2. **Plan** (:func:`plan`, under the lock, no I/O): idle sockets past ``max_lifetime`` and
-   those above ``min_size`` idle longer than ``idle_timeout`` go to ``closing``; sockets due
-   a heartbeat go to ``busy``; the connections to open are reserved in ``opening``: up to
-   the fill target while healthy, or one probe while ejected, past the backoff, and only
-   while checkouts want the pool (no reconnects without demand).
-3. **Carry out** (:func:`run`): close, heartbeat, open.  Every step gives back what it
+2. **Plan** (:func:`plan`, under the lock, no I/O): idle sockets past ``max_lifetime``,
+   drained or above a lowered cap, and those above ``min_size`` idle longer than
+   ``idle_timeout`` go to ``closing``; sockets due a heartbeat go to ``busy``.
+3. **Carry out** (:func:`run`): close, heartbeat, then reserve (in ``opening``, under the
+   lock, once the closes freed their slots) and open the connections to open: up to the
+   fill target while healthy, or one probe while ejected, past the backoff, and only while
+   checkouts want the pool (no reconnects without demand).  Every step gives back what it
    reserved in a ``finally``, so an exception at any line leaves the counts exact.
 
 Heartbeats keep a connection's ``idle_since`` and its place in the stack (reaping goes on
@@ -46,8 +47,8 @@ class Plan:
     inst: "InstancePool"
     closing: List[Closing] = field(default_factory=list)
     heartbeats: List[Connection] = field(default_factory=list)
-    to_open: int = 0
-    probe: bool = False
+    now: float = 0.0
+    demand: bool = False
 
 
 def check_idle(state: PoolState, inst: "InstancePool", events: "Emitter") -> None:
@@ -131,22 +132,14 @@ def plan(state: PoolState, inst: "InstancePool", now: float, demand: bool) -> Pl
             if out.closing:
                 inst.idle[:] = keep
                 inst.closing += len(out.closing)
-        target = min(max(inst.fill_target, config.min_size), config.max_size)
-        health = inst.health
         if not inst.member and inst.healthy:
             # Outside the subset: no connections kept; idle ones go (in use at checkin).
             for conn in inst.idle:
                 out.closing.append((inst, conn, "subset"))
             inst.closing += len(inst.idle)
             inst.idle = []
-        elif inst.healthy:
-            out.to_open = max(0, target - total)
-        elif (demand and inst.candidate and total < config.max_size
-                and health.may_probe(now)):
-            out.to_open = 1
-            out.probe = True
-            health.start_probe(now)
-        inst.opening += out.to_open
+        out.now = now
+        out.demand = demand
         if config.heartbeat is not None and inst.healthy and inst.idle:
             interval = config.heartbeat_interval
             keep = []
@@ -172,8 +165,34 @@ def run(state: PoolState, p: Plan, events: "Emitter", heartbeat: Any) -> None:
                      len(p.closing), inst.key)
     for conn in p.heartbeats:
         _beat(state, inst, conn, events, heartbeat)
-    _open(state, inst, p.to_open, p.probe, events)
+    # The connections to open are reserved only now, once the closes above freed their
+    # slots: reserving them in plan() would count both for a moment, above max_size.
+    to_open, probe = _reserve_opens(state, inst, p.now, p.demand)
+    _open(state, inst, to_open, probe, events)
     inst.first_fill_done = True
+
+
+def _reserve_opens(state: PoolState, inst: "InstancePool", now: float, demand: bool
+                   ) -> Tuple[int, bool]:
+    """Reserve (in ``opening``) the connections to open: up to the fill target while
+    healthy (a member of the subset), or one probe while ejected, past the backoff, and only
+    while checkouts want the pool (no reconnects without demand)."""
+    with state.lock:
+        config = state.config
+        if inst.retired or state.closed:
+            return 0, False
+        total = inst.size()
+        target = min(max(inst.fill_target, config.min_size), inst.max_size)
+        if inst.healthy:
+            to_open = max(0, target - total) if inst.member else 0
+            inst.opening += to_open
+            return to_open, False
+        if (demand and inst.candidate and total < inst.max_size
+                and inst.health.may_probe(now)):
+            inst.health.start_probe(now)
+            inst.opening += 1
+            return 1, True
+        return 0, False
 
 
 def _beat(state: PoolState, inst: "InstancePool", conn: Connection, events: "Emitter",

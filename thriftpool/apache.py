@@ -31,12 +31,12 @@ import functools
 import logging
 import socket
 import ssl
-import struct
 import sys
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Type
 
 from thrift.protocol.TBinaryProtocol import (
+    TBinaryProtocol,
     TBinaryProtocolAcceleratedFactory,
     TBinaryProtocolFactory,
 )
@@ -51,11 +51,14 @@ from thrift.transport.THeaderTransport import THeaderClientType
 from thrift.transport.TSocket import TSocket
 from thrift.transport.TTransport import (
     TBufferedTransportFactory,
+    TFramedTransport,
     TFramedTransportFactory,
     TTransportException,
 )
 
 from . import _compat
+from .connection import WireBounds
+from .deadlines import _CURRENT, Deadline
 from .errors import ClientReleased, ReplyMismatch
 from .service import ServiceSpec
 
@@ -80,95 +83,62 @@ _MAX_SEQID = 2 ** 31 - 1
 _ONEWAY = TMessageType.ONEWAY
 _REPLY = TMessageType.REPLY
 _EXCEPTION = TMessageType.EXCEPTION
-#: A read re-arms the socket's timeout only when the call has this much less time left
-#: than the socket allows, so the usual one-read reply costs no extra system call.
-_REARM_SLACK = 0.005
 _INF = float("inf")
-
-
-def _timeval(seconds: float) -> bytes:
-    if seconds == _INF:
-        return struct.pack("@ll", 0, 0)  # "never"
-    whole = int(seconds)
-    micros = round((seconds - whole) * 1e6)
-    if micros >= 1_000_000:
-        whole, micros = whole + 1, micros - 1_000_000
-    if whole == 0 and micros == 0:
-        micros = 1  # a zero timeval means "never" to the kernel
-    return struct.pack("@ll", whole, micros)
 
 
 # -- the socket ----------------------------------------------------------------------------
 
-class PoolSocket(TSocket):  # type: ignore[misc]
-    """An Apache ``TSocket`` over a socket that thriftpool opened.
+class PoolSocket(WireBounds, TSocket):  # type: ignore[misc]
+    """An Apache ``TSocket`` over a socket that thriftpool opened, with the wire bounds of
+    the thriftpy2 stack (:class:`~thriftpool.connection.WireBounds`): the whole-call
+    deadline, the ``max_message_size`` checks (frame headers before anything is read for
+    them, and the reply's total), and a TLS session refused at its first read as
+    ``TTransportException(NOT_OPEN)``.
 
-    ``sock`` is the same object as Apache's ``handle``, so the pool's connection code
-    (liveness check, timeouts, close, fork detach) treats both stacks alike.  Reads and
-    writes keep to the call's deadline (see :meth:`begin_call`) and raise Apache's
-    ``TTransportException`` with ``TIMED_OUT`` when it passes, whether the kernel
-    (``SO_RCVTIMEO``) or Python timed the socket out.
+    ``sock`` is the socket (``handle`` is the same object, for Apache's code), so the
+    pool's connection code (liveness check, timeouts, close, fork detach) treats both
+    stacks alike.  A read or write that runs out of time raises Apache's
+    ``TTransportException(TIMED_OUT)``, or :class:`~thriftpool.DeadlineExceeded` (the
+    timeout chained) when a ``thriftpool.deadline()`` rather than the call's own timeout
+    cut it short.
     """
 
-    handle: Optional[socket.socket]
+    _conn: Optional["Connection"] = None
+    _binding: Optional[Deadline] = None  # the deadline that bounds the current call
+    _timeout: Optional[float] = None  # the current call's timeout, for messages
 
-    def __init__(self, handle: socket.socket, address: "Address", kernel_timeouts: bool
-                 ) -> None:
-        super().__init__(address.host, address.port)
-        self.handle = handle
-        self._conn: Optional["Connection"] = None
-        self._deadline: Optional[float] = None
-        self._timeout: Optional[float] = None  # the call's timeout, for messages
-        self._armed = _INF  # the per-read timeout on the socket now
-        self._kernel = kernel_timeouts
-        self._oneway = False
+    def __init__(self, sock: Any, address: "Address") -> None:
+        # Not TSocket.__init__: the socket is open, and host/port only name it.
+        self.host = address.host
+        self.port = address.port
+        self._unix_socket = None
+        self._socket_family = sock.family
+        self.sock = sock
 
     @property
-    def sock(self) -> Optional[socket.socket]:
-        return self.handle
+    def handle(self) -> Any:
+        return self.sock
 
-    @sock.setter
-    def sock(self, value: Optional[socket.socket]) -> None:
-        self.handle = value
+    @handle.setter
+    def handle(self, value: Any) -> None:
+        self.sock = value
 
     def open(self) -> None:
         raise TTransportException(TTransportException.ALREADY_OPEN,
                                   "a pooled socket is opened by the pool")
 
-    def begin_call(self, timeout: Optional[float], oneway: bool) -> None:
-        """A request is about to be written: from now until the reply is read in full
-        the call may take ``timeout`` seconds (``None``: no bound)."""
-        self._oneway = oneway
-        self._timeout = timeout
-        if timeout is None:
-            self._deadline = None
-            if self._armed != _INF:
-                self._arm(_INF)
-        else:
-            self._deadline = monotonic() + timeout
-            if self._armed != timeout:
-                self._arm(timeout)
-
-    def _arm(self, seconds: float) -> None:
-        """Give each read and write at most ``seconds`` (``inf``: no bound)."""
-        handle = self.handle
-        if handle is None:
-            return
-        if self._kernel and handle.gettimeout() is None:
-            tv = _timeval(seconds)
-            handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        else:
-            handle.settimeout(None if seconds == _INF else seconds)
-        self._armed = seconds
-
-    def _timed_out(self, what: str, cause: Optional[BaseException] = None
-                   ) -> TTransportException:
-        if self._deadline is not None and monotonic() >= self._deadline - _REARM_SLACK:
+    def _timed_out(self, what: str, exc: BaseException) -> BaseException:
+        binding = self._binding
+        if binding is not None:
+            exceeded: BaseException = binding.exceeded(what, f"(timed out on {self._peer})")
+            return exceeded
+        if self._timeout is not None and self._ends != _INF:
             message = f"call timed out after {self._timeout:g}s ({what})"
         else:
             message = f"{what} timed out"
-        return TTransportException(TTransportException.TIMED_OUT, message, inner=cause)
+        error: BaseException = TTransportException(TTransportException.TIMED_OUT, message,
+                                                   inner=exc)
+        return error
 
     def _closed_error(self) -> BaseException:
         conn = self._conn
@@ -179,40 +149,26 @@ class PoolSocket(TSocket):  # type: ignore[misc]
         return error
 
     def read(self, sz: int) -> bytes:
-        handle = self.handle
-        if handle is None:
+        if self.sock is None:
             raise self._closed_error()
-        deadline = self._deadline
-        if deadline is not None:
-            left = deadline - monotonic()
-            if left < self._armed - _REARM_SLACK:
-                # A reply in pieces: the next read gets only the time left.
-                if left <= 0:
-                    raise self._timed_out("read")
-                self._arm(left)
         try:
-            buff = handle.recv(sz)
-        except (BlockingIOError, socket.timeout) as exc:
-            # BlockingIOError: SO_RCVTIMEO expired (a blocking socket with a kernel timeout)
+            data = self._recv(sz)
+        except socket.timeout as exc:  # TimeoutError: the call's time is up
             raise self._timed_out("read", exc) from exc
         except OSError as exc:
             raise TTransportException(TTransportException.END_OF_FILE,
                                       f"read failed: {exc}", inner=exc) from exc
-        if not buff:
+        if not data:
             raise TTransportException(TTransportException.END_OF_FILE,
                                       "the server closed the connection")
-        return buff  # type: ignore[no-any-return]
+        return data
 
     def write(self, buff: bytes) -> None:
-        handle = self.handle
-        if handle is None:
+        if self.sock is None:
             raise self._closed_error()
-        deadline = self._deadline
-        if deadline is not None and deadline - monotonic() <= 0:
-            raise self._timed_out("write")
         try:
-            handle.sendall(buff)
-        except (BlockingIOError, socket.timeout) as exc:
+            self._send(buff)
+        except socket.timeout as exc:
             raise self._timed_out("write", exc) from exc
         except OSError as exc:
             raise TTransportException(TTransportException.END_OF_FILE,
@@ -224,117 +180,91 @@ class PoolSocket(TSocket):  # type: ignore[misc]
         conn = self._conn
         if conn is not None:
             conn.sent = True
-            if self._oneway:
-                conn.in_call = False
-                self._deadline = None
 
     def isOpen(self) -> bool:
-        return self.handle is not None
+        return self.sock is not None
 
     def close(self) -> None:
-        handle, self.handle = self.handle, None
-        if handle is None:
+        sock, self.sock = self.sock, None
+        if sock is None:
             return
         try:
-            handle.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         try:
-            handle.close()
+            sock.close()
         except OSError:
             pass
+
+    def _protocol_error(self, kind: int, message: str) -> Exception:
+        error: Exception = TProtocolException(kind, message)
+        return error
+
+    def _not_open(self, message: str) -> Exception:
+        # A TLS session refused at its first read or write: nothing was delivered.
+        conn = self._conn
+        if conn is not None:
+            conn.sent = False
+        error: Exception = TTransportException(TTransportException.NOT_OPEN, message)
+        return error
 
 
 def _connect(address: "Address", config: "PoolConfig", tls_required: bool,
-             connect_timeout: float) -> Tuple[socket.socket, bool]:
-    """Open (and, with an ``ssl_context``, handshake) a socket within ``connect_timeout``.
+             timeout: Optional[float]) -> Any:
+    """Resolve, connect (every address in turn) and, with an ``ssl_context``, handshake,
+    all within ``connect_timeout`` (or ``timeout`` when smaller): the thriftpy2 stack's
+    :class:`~thriftpool.connection.BoundedTSocket` does it, Apache's exception reports it.
 
-    :returns: the socket and whether kernel timeouts time it.
-    :raises TTransportException: ``NOT_OPEN``.
+    :returns: the connected socket.
+    :raises TTransportException: ``NOT_OPEN`` (Apache's), with the cause chained.
     """
-    from .connection import _set_call_timeout
+    from thriftpy2.transport import TTransportException as _Tpy2TransportError
 
-    addr = str(address)
+    from .connection import BoundedTSocket
+
     if config.ssl_context is None and tls_required:
         raise TTransportException(
             TTransportException.NOT_OPEN,
-            f"instance {addr} requires TLS and the pool has no ssl_context: refusing "
+            f"instance {address} requires TLS and the pool has no ssl_context: refusing "
             "to send plaintext")
+    opener = BoundedTSocket(address.host, address.port, config, timeout)
     try:
-        sock = socket.create_connection((address.host, address.port),
-                                        timeout=connect_timeout)
-    except OSError as exc:
-        raise TTransportException(TTransportException.NOT_OPEN,
-                                  f"Could not connect to {addr}: {exc}", inner=exc) from exc
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if config.ssl_context is not None:
-            try:
-                sock = config.ssl_context.wrap_socket(
-                    sock, server_hostname=config.server_hostname or address.host)
-            except ssl.SSLError as exc:
-                raise TTransportException(
-                    TTransportException.NOT_OPEN,
-                    f"TLS handshake with {addr} failed: {exc}", inner=exc) from exc
-            sock.settimeout(config.socket_timeout)
-            return sock, False
-        _set_call_timeout(sock, config.socket_timeout)
-        return sock, sock.gettimeout() is None and config.socket_timeout is not None
-    except BaseException as exc:
-        sock.close()
-        if isinstance(exc, OSError):
-            raise TTransportException(TTransportException.NOT_OPEN,
-                                      f"Could not connect to {addr}: {exc}",
-                                      inner=exc) from exc
-        raise
+        opener.open()
+    except _Tpy2TransportError as exc:
+        raise TTransportException(TTransportException.NOT_OPEN, exc.message,
+                                  inner=exc) from exc
+    except Exception as exc:  # whatever fails in a connect is a connect failure
+        raise TTransportException(
+            TTransportException.NOT_OPEN,
+            f"Could not connect to {address}: {type(exc).__name__}: {exc}",
+            inner=exc) from exc
+    return opener.sock
 
 
 # -- the protocol --------------------------------------------------------------------------
 
 class _Numbered:
-    """Put in front of an Apache protocol class: numbered requests, checked replies.
+    """Put in front of an Apache protocol class: checked replies.
 
-    Set up by :func:`_number`, which re-classes a protocol the factory built.
+    Set up by :func:`_number`, which re-classes a protocol the factory built.  The
+    pooled client's methods (see :func:`_pooled_method`) number each request (the
+    generated code writes the client's ``_seqid``) and name the method they expect
+    (``_expect_name``); ``readMessageBegin`` checks the reply's sequence id and method
+    name (a mismatch raises :class:`~thriftpool.ReplyMismatch`) and its message type;
+    ``readMessageEnd`` lowers the connection's in-call flag.
     """
 
     _conn: "Connection"
-    _tsock: PoolSocket
-    _call_timeout: Optional[float]
-    _method_timeouts: Dict[str, Optional[float]]
     _expect_name = ""
-    _expect_seqid = -1
-
-    def writeMessageBegin(self, name: str, ttype: int, seqid: int) -> None:
-        conn = self._conn
-        seqid = conn.seqid + 1
-        if seqid > _MAX_SEQID:
-            seqid = 1
-        conn.seqid = seqid
-        self._expect_name = name
-        self._expect_seqid = seqid
-        # From the first byte written until the reply is read in full the stream is in
-        # an unknown state: whatever interrupts the call, the socket must not be reused.
-        conn.in_call = True
-        conn.sent = False
-        timeouts = self._method_timeouts
-        timeout = timeouts.get(name, self._call_timeout) if timeouts else self._call_timeout
-        tsock = self._tsock
-        if timeout is not None and tsock._armed == timeout:
-            # The usual call (PoolSocket.begin_call inlined: it runs on every call).
-            tsock._oneway = ttype == _ONEWAY
-            tsock._timeout = timeout
-            tsock._deadline = monotonic() + timeout
-        else:
-            tsock.begin_call(timeout, ttype == _ONEWAY)
-        super().writeMessageBegin(name, ttype, seqid)  # type: ignore[misc]
 
     def readMessageBegin(self) -> Tuple[str, int, int]:
         fname, mtype, rseqid = super().readMessageBegin()  # type: ignore[misc]
-        if rseqid != self._expect_seqid or fname != self._expect_name:
+        conn = self._conn
+        if rseqid != conn.seqid or fname != self._expect_name:
             raise ReplyMismatch(
                 f"reply {fname!r} seqid {rseqid} does not answer request "
-                f"{self._expect_name!r} seqid {self._expect_seqid} on {self._conn}; the "
+                f"{self._expect_name!r} seqid {conn.seqid} on {conn}; the "
                 "connection was dropped")
         if mtype != _REPLY and mtype != _EXCEPTION:
             raise TProtocolException(
@@ -345,23 +275,38 @@ class _Numbered:
     def readMessageEnd(self) -> None:
         super().readMessageEnd()  # type: ignore[misc]
         self._conn.in_call = False
-        self._tsock._deadline = None
+
+
+class _NumberedNoEnd(_Numbered):
+    """:class:`_Numbered` for protocols whose ``readMessageEnd`` does nothing (binary)."""
+
+    def readMessageEnd(self) -> None:
+        self._conn.in_call = False
 
 
 _NUMBERED: Dict[type, type] = {}
+_LIMITS = ("string_length_limit", "container_length_limit")
 
 
-def _number(protocol: Any, tsock: PoolSocket, config: "PoolConfig") -> Any:
-    """Re-class ``protocol`` (as its factory built it) to number its messages."""
+def _number(protocol: Any, config: "PoolConfig") -> Any:
+    """Re-class ``protocol`` (as its factory built it) to check its replies, and bound
+    its string and container lengths by ``max_message_size`` (a tighter limit of the
+    factory's own stays)."""
     cls = type(protocol)
     numbered = _NUMBERED.get(cls)
     if numbered is None:
-        numbered = type(f"Numbered{cls.__name__}", (_Numbered, cls), {})
+        mixin = _NumberedNoEnd if cls.readMessageEnd is TBinaryProtocol.readMessageEnd \
+            else _Numbered
+        numbered = type(f"Numbered{cls.__name__}", (mixin, cls), {})
         _NUMBERED[cls] = numbered
     protocol.__class__ = numbered
-    protocol._tsock = tsock
-    protocol._call_timeout = config.socket_timeout
-    protocol._method_timeouts = dict(getattr(config, "method_timeouts", None) or {})
+    limit = config.max_message_size
+    if limit is not None:
+        for name in _LIMITS:
+            if hasattr(protocol, name):
+                held = getattr(protocol, name)
+                if held is None or held > limit:
+                    setattr(protocol, name, limit)
     return protocol
 
 
@@ -371,17 +316,22 @@ def open_connection(cls: Type["Connection"], address: "Address", config: "PoolCo
     """:meth:`Connection.open` for the Apache stack (same contract, Apache's exceptions)."""
     from .connection import connection_expiry
 
-    sock, kernel = _connect(address, config, tls_required,
-                            config.connect_timeout if timeout is None else timeout)
-    tsock = PoolSocket(sock, address, kernel)
+    sock = _connect(address, config, tls_required, timeout)
+    tsock = PoolSocket(sock, address)
     try:
         transport = config.transport_factory.getTransport(tsock)
-        protocol = _number(config.protocol_factory.getProtocol(transport), tsock, config)
+        protocol = _number(config.protocol_factory.getProtocol(transport), config)
+        # THeader replies come in frames whatever transport is under them.
+        framed = isinstance(transport, TFramedTransport) or \
+            isinstance(protocol, THeaderProtocol)
+        tsock.bound(config.socket_timeout, config.max_message_size, framed=framed,
+                    tls=isinstance(sock, ssl.SSLSocket), peer=str(address))
     except BaseException:
         tsock.close()
         raise
     now = _compat.monotonic()
-    conn = cls(address, tsock, transport, protocol, now, connection_expiry(config, now))
+    conn = cls(address, tsock, transport, protocol, now, connection_expiry(config, now),
+               config.socket_timeout, dict(config.method_timeouts) or None)
     tsock._conn = protocol._conn = conn
     return conn
 
@@ -401,6 +351,11 @@ class _Released:
 _RELEASED = _Released()
 
 
+def _released(api: str) -> ClientReleased:
+    return ClientReleased(f"{api}() called after its checkout ended; its connection may "
+                          "belong to another caller now")
+
+
 class ApacheClientMixin:
     """Put in front of a generated ``Client``: the pool's bookkeeping (see the module)."""
 
@@ -414,7 +369,7 @@ class ApacheClientMixin:
         self._iprot = self._oprot = protocol = conn.protocol
         self._seqid = 0
         self._pooled_conn = conn
-        if isinstance(protocol, THeaderProtocol):
+        if conn.socket._framed and isinstance(protocol, THeaderProtocol):
             # Headers belong to one checkout: none left over from the last one.
             protocol.clear_headers()
             protocol.trans._read_headers = {}
@@ -433,9 +388,7 @@ class ApacheClientMixin:
         """Call the IDL method ``_api`` (the pool's proxy and heartbeat use this)."""
         conn = self._pooled_conn
         if conn is None or conn.detached:
-            raise ClientReleased(
-                f"{_api}() called after its checkout ended; its connection may belong "
-                "to another caller now")
+            raise _released(_api)
         return self._calls[_api](self, *args, **kwargs)
 
     def _trial(self, timeout: Optional[float]) -> None:
@@ -445,27 +398,31 @@ class ApacheClientMixin:
 
         conn = self._pooled_conn
         assert conn is not None
+        seqid = conn.seqid + 1
+        if seqid > _MAX_SEQID:
+            seqid = 1
+        conn.seqid = seqid
+        conn.in_call = True
+        conn.sent = False
+        tsock: Any = conn.socket
+        tsock.begin(timeout)
+        tsock._binding = None
+        tsock._timeout = timeout
         oprot = self._oprot
-        saved = oprot._call_timeout, oprot._method_timeouts
-        oprot._call_timeout, oprot._method_timeouts = timeout, {}
-        try:
-            oprot.writeMessageBegin(TRIAL_METHOD, TMessageType.CALL, 0)
-            oprot.writeStructBegin("trial_args")
-            oprot.writeFieldStop()
-            oprot.writeStructEnd()
-            oprot.writeMessageEnd()
-            oprot.trans.flush()
-            conn.sent = True
-            iprot = self._iprot
-            _, mtype, _ = iprot.readMessageBegin()
-            if mtype != TMessageType.EXCEPTION:
-                raise ReplyMismatch(f"trial call on {conn}: reply type {mtype}")
-            x = TApplicationException()
-            x.read(iprot)
-            iprot.readMessageEnd()
-            conn.in_call = False
-        finally:
-            oprot._call_timeout, oprot._method_timeouts = saved
+        oprot._expect_name = TRIAL_METHOD
+        oprot.writeMessageBegin(TRIAL_METHOD, TMessageType.CALL, seqid)
+        oprot.writeStructBegin("trial_args")
+        oprot.writeFieldStop()
+        oprot.writeStructEnd()
+        oprot.writeMessageEnd()
+        oprot.trans.flush()
+        iprot = self._iprot
+        _, mtype, _ = iprot.readMessageBegin()
+        if mtype != TMessageType.EXCEPTION:
+            raise ReplyMismatch(f"trial call on {conn}: reply type {mtype}")
+        x = TApplicationException()
+        x.read(iprot)
+        iprot.readMessageEnd()
 
     def _header_protocol(self) -> Any:
         prot = self._oprot
@@ -498,18 +455,51 @@ class ApacheClientMixin:
         return f"<{type(self).__name__} {state}>"
 
 
-def _counted(func: Callable[..., Any]) -> Callable[..., Any]:
-    """A generated client method that counts its failures on the connection (the pool's
-    ``call_errors``); nothing more on a call that succeeds."""
+def _pooled_method(name: str, func: Callable[..., Any], oneway: bool
+                   ) -> Callable[..., Any]:
+    """The generated client method ``func`` run on the pooled connection: the request
+    numbered, its timeout (``method_timeouts``, ``call_timeout()``) and any
+    ``thriftpool.deadline()`` applied to the whole call, the in-call and sent flags
+    kept, and a failure counted on the connection (the pool's ``call_errors``)."""
+    what = f"{name}()"
+
     @functools.wraps(func)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        conn = self._pooled_conn
+        if conn is None or conn.detached:
+            raise _released(name)
+        timeouts = conn.timeouts
+        timeout = conn.timeout if timeouts is None else timeouts.get(name, conn.timeout)
+        binding = _CURRENT.get()
+        if binding is not None:
+            left = binding.expires_at - monotonic()
+            if left <= 0:
+                raise binding.exceeded(what, "(the request was not sent)")
+            if timeout is None or left < timeout:
+                timeout = left
+            else:
+                binding = None
+        seqid = conn.seqid + 1
+        if seqid > _MAX_SEQID:
+            seqid = 1
+        conn.seqid = self._seqid = seqid
+        # From the first byte written until the reply is read in full the stream is in
+        # an unknown state: whatever interrupts the call, the socket must not be reused.
+        conn.in_call = True
+        conn.sent = False
+        tsock = conn.socket
+        tsock.begin(timeout)
+        tsock._binding = binding
+        tsock._timeout = timeout
+        self._iprot._expect_name = name
         try:
-            return func(self, *args, **kwargs)
+            result = func(self, *args, **kwargs)
         except BaseException:
-            conn = self._pooled_conn
-            if conn is not None:
-                conn.failed_calls += 1
+            conn.failed_calls += 1
             raise
+        if oneway:
+            conn.in_call = False
+        return result
 
     return call
 
@@ -548,7 +538,8 @@ class ApacheSpec(ServiceSpec):
                                m + "_args", None)
             spec = getattr(args_cls, "thrift_spec", None) or ()
             self._args[m] = tuple(f[2] for f in spec if f is not None)
-        calls = {m: _counted(getattr(base, m)) for m in self.methods}
+        calls = {m: _pooled_method(m, getattr(base, m), m in self.oneway)
+                 for m in self.methods}
         namespace: Dict[str, Any] = {
             m: f for m, f in calls.items() if not hasattr(ApacheClientMixin, m)}
         namespace.update({

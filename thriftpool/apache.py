@@ -46,7 +46,7 @@ from thrift.protocol.TCompactProtocol import (
 )
 from thrift.protocol.THeaderProtocol import THeaderProtocol, THeaderProtocolFactory
 from thrift.protocol.TProtocol import TProtocolException
-from thrift.Thrift import TApplicationException, TMessageType, TProcessor
+from thrift.Thrift import TApplicationException, TException, TMessageType, TProcessor
 from thrift.transport.THeaderTransport import THeaderClientType
 from thrift.transport.TSocket import TSocket
 from thrift.transport.TTransport import (
@@ -59,7 +59,7 @@ from thrift.transport.TTransport import (
 from . import _compat
 from .connection import WireBounds
 from .deadlines import _CURRENT, Deadline
-from .errors import ClientReleased, ReplyMismatch
+from .errors import ClientReleased, ReplyMismatch, ThriftPoolError
 from .service import ServiceSpec
 
 try:
@@ -455,6 +455,32 @@ class ApacheClientMixin:
         return f"<{type(self).__name__} {state}>"
 
 
+_THRIFT_ERRORS = (TException, ThriftPoolError)
+_DEPTH_LIMIT = 6  # Apache's TProtocolException.DEPTH_LIMIT
+
+
+def _decode_error(exc: Exception, api: str, conn: "Connection") -> TProtocolException:
+    """The ``TProtocolException`` for whatever a decoder raised on a malformed reply:
+    Apache's C extension raises ``OverflowError`` for a length over its limit or a
+    negative one, and ``MemoryError``; its pure-Python protocols ``struct.error``,
+    ``UnicodeDecodeError`` and more."""
+    where = f"the reply to {api}() from {conn.address}"
+    detail = f"{type(exc).__name__}: {exc}"
+    text = str(exc)
+    if isinstance(exc, RecursionError):
+        kind, message = _DEPTH_LIMIT, f"{where} nests too deep ({detail})"
+    elif isinstance(exc, (OverflowError, ValueError)) and "egative" in text:
+        kind, message = TProtocolException.NEGATIVE_SIZE, \
+            f"{where} has a negative length ({detail})"
+    elif isinstance(exc, (MemoryError, OverflowError)):
+        kind, message = TProtocolException.SIZE_LIMIT, \
+            f"{where} claims a length over the limit ({detail})"
+    else:
+        kind, message = TProtocolException.INVALID_DATA, f"cannot decode {where} ({detail})"
+    error: TProtocolException = TProtocolException(kind, message)
+    return error
+
+
 def _pooled_method(name: str, func: Callable[..., Any], oneway: bool
                    ) -> Callable[..., Any]:
     """The generated client method ``func`` run on the pooled connection: the request
@@ -494,8 +520,13 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool
         self._iprot._expect_name = name
         try:
             result = func(self, *args, **kwargs)
-        except BaseException:
-            conn.failed_calls += 1
+        except BaseException as exc:
+            conn.failed_calls += 1  # the error paths only: free for calls that succeed
+            if conn.in_call and conn.sent and isinstance(exc, Exception) and \
+                    not isinstance(exc, _THRIFT_ERRORS):
+                # The reply was being decoded: whatever the decoder raised, it is a
+                # malformed reply.
+                raise _decode_error(exc, name, conn) from exc
             raise
         if oneway:
             conn.in_call = False

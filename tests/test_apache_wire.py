@@ -540,3 +540,67 @@ def test_the_proxy_fails_over_from_an_instance_refusing_the_client_certificate(
     assert [proxy.echo(f"m{i}") for i in range(20)] == [f"m{i}" for i in range(20)]
     assert strict.stats()["calls"] == 0
     assert lenient.stats()["calls"] == 20
+
+
+# -- the binary message header, read and written in one piece --------------------------------
+
+def _result(value: bytes) -> bytes:
+    return b"\x0b\x00\x00" + struct.pack("!i", len(value)) + value + b"\x00"
+
+
+@pytest.mark.timeout(30)
+def test_a_non_strict_reply_header_is_read(apache, pools):
+    # An old-style header: the name's length first, then the name, type and seqid.
+    server = FrameServer(struct.pack("!i", 4) + b"echo" + b"\x02" + struct.pack("!i", 1)
+                         + _result(b"old style"))
+    try:
+        pool = pools([server.address], min_size=0)
+        with pool.checkout() as client:
+            assert client.echo("x") == "old style"
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_non_strict_reply_is_refused_with_strict_read(apache, pools):
+    from thrift.protocol.TBinaryProtocol import TBinaryProtocolAcceleratedFactory
+
+    server = FrameServer(struct.pack("!i", 4) + b"echo" + b"\x02" + struct.pack("!i", 1)
+                         + _result(b"old style"))
+    try:
+        factory = TBinaryProtocolAcceleratedFactory(fallback=False)
+        pool = pools([server.address], min_size=0, protocol=factory)
+        with pool.checkout() as client:
+            client._iprot.strictRead = True
+            with pytest.raises(apache.TProtocolException) as info:
+                client.echo("x")
+        assert info.value.type == apache.TProtocolException.BAD_VERSION
+        assert server.closed.wait(5)
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name, seqid", [(b"sleep", 1), (b"ecHo", 1), (b"echo", 7)])
+def test_a_reply_to_another_request_is_a_mismatch(apache, pools, name, seqid):
+    server = FrameServer(struct.pack("!ii", -2147418112 | 2, len(name)) + name
+                         + struct.pack("!i", seqid) + _result(b"not yours"))
+    try:
+        pool = pools([server.address], min_size=0)
+        with pytest.raises(thriftpool.ReplyMismatch):
+            pool.client().echo("x")
+        assert server.closed.wait(5)  # discarded
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(30)
+def test_non_strict_writing_keeps_apaches_own_header_code(apache, farm, pools):
+    from thrift.protocol.TBinaryProtocol import TBinaryProtocolFactory
+
+    (server,) = apache.start(farm)
+    pool = pools([server.address], min_size=0,
+                 protocol=TBinaryProtocolFactory(strictWrite=False))
+    with pool.checkout() as client:
+        assert type(client._oprot).__mro__[1].__name__ == "_NumberedNoEnd"
+        assert client.echo("old") == "old"

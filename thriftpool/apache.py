@@ -3,20 +3,33 @@
 Apache's generated ``Client`` sends sequence id 0 on every call and never checks the
 reply's id or name, so after a timed-out call the next one would read the stale reply
 as its own answer.  Here the generated client is kept (a pooled client *is* an instance
-of the module's ``Client``, so code keeps its types) and three things are put under it:
+of the module's ``Client``, so code keeps its types) and four things are put around it:
 
+- each IDL method, wrapped once per service (:func:`_pooled_method`): it refuses to run
+  after the checkout ended, numbers the request (the generated code writes the client's
+  ``_seqid``), takes the call's timeout (``socket_timeout``, ``method_timeouts``,
+  :meth:`Connection.call_timeout <thriftpool.connection.Connection.call_timeout>`) and
+  the time left in a ``thriftpool.deadline()`` (none left: ``DeadlineExceeded``, nothing
+  sent), raises the in-call flag, counts a failure on the connection, and turns whatever
+  a decoder raised on a malformed reply into Apache's ``TProtocolException``;
 - the protocol, re-classed once at connect time to a subclass of whatever the protocol
-  factory built (:class:`_Numbered` in front of it): ``writeMessageBegin`` numbers the
-  request and raises the connection's in-call flag, ``readMessageBegin`` checks the
+  factory built (:class:`_Numbered` in front of it): ``readMessageBegin`` checks the
   reply's sequence id and method name (a mismatch raises
   :class:`~thriftpool.ReplyMismatch`) and its message type, ``readMessageEnd`` lowers
-  the in-call flag.  Every other method, and the C fast path of
+  the in-call flag; strict binary headers are written in one piece and read in two
+  (:class:`_StrictBinary`).  String and container lengths are bounded by
+  ``max_message_size``.  Every other method, and the C fast path of
   ``TBinaryProtocolAccelerated`` / ``TCompactProtocolAccelerated``
   (``thrift.protocol.fastbinary``), is Apache's own;
-- thriftpool's own socket (:class:`PoolSocket`, an Apache ``TSocket`` given an open
-  socket with ``setHandle``): connect timeout, kernel socket timeouts, TLS, the pool's
-  liveness check, a deadline for the whole call, the sent flag raised when the request
-  was flushed, and none of ``TSocket.open()``'s logging;
+- thriftpool's own socket (:class:`PoolSocket`, an Apache ``TSocket`` over a socket the
+  pool opened, with the thriftpy2 stack's :class:`~thriftpool.connection.WireBounds`):
+  resolution, connect to every address in turn and TLS handshake within
+  ``connect_timeout``, kernel socket timeouts, a deadline for the whole call however the
+  server spaces its bytes, frame headers (framed and THeader) and reply sizes checked
+  against ``max_message_size`` before anything is read for them, a TLS session refused
+  at its first read as ``TTransportException(NOT_OPEN)`` with the request not sent, the
+  sent flag raised when the request was flushed, and none of ``TSocket.open()``'s
+  logging;
 - a released client's protocols, replaced by an object that raises
   :class:`~thriftpool.ClientReleased` on any use.
 

@@ -557,6 +557,8 @@ def test_a_non_strict_reply_header_is_read(apache, pools):
         pool = pools([server.address], min_size=0)
         with pool.checkout() as client:
             assert client.echo("x") == "old style"
+        pool.close()  # the connection was kept: closing the pool closes it
+        assert server.closed.wait(5)
     finally:
         server.stop()
 

@@ -363,6 +363,7 @@ def test_a_call_cut_short_by_the_deadline_raises_deadline_exceeded(apache, liar,
     assert 0.35 < elapsed < 0.9, elapsed
     assert isinstance(info.value.__cause__, socket.timeout)
     assert info.value.timeout == 0.4
+    assert "echo()" in str(info.value)
     wait_for(lambda: server.stats()["closes_seen"] == 1, timeout=5,
              message="the connection to be discarded")
     assert pool.client().echo("next") == "next"

@@ -120,6 +120,7 @@ class PoolSocket(WireBounds, TSocket):  # type: ignore[misc]
     _conn: Optional["Connection"] = None
     _binding: Optional[Deadline] = None  # the deadline that bounds the current call
     _timeout: Optional[float] = None  # the current call's timeout, for messages
+    _api = "call"  # the current call's method, when a deadline bounds it
 
     def __init__(self, sock: Any, address: "Address") -> None:
         # Not TSocket.__init__: the socket is open, and host/port only name it.
@@ -144,7 +145,8 @@ class PoolSocket(WireBounds, TSocket):  # type: ignore[misc]
     def _timed_out(self, what: str, exc: BaseException) -> BaseException:
         binding = self._binding
         if binding is not None:
-            exceeded: BaseException = binding.exceeded(what, f"(timed out on {self._peer})")
+            exceeded: BaseException = binding.exceeded(
+                self._api, f"(timed out in a {what} on {self._peer})")
             return exceeded
         if self._timeout is not None and self._ends != _INF:
             message = f"call timed out after {self._timeout:g}s ({what})"
@@ -592,6 +594,7 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool
                 raise binding.exceeded(what, "(the request was not sent)")
             if timeout is None or left < timeout:
                 timeout = left
+                conn.socket._api = what
             else:
                 binding = None
         seqid = conn.seqid + 1

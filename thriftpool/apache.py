@@ -3,20 +3,33 @@
 Apache's generated ``Client`` sends sequence id 0 on every call and never checks the
 reply's id or name, so after a timed-out call the next one would read the stale reply
 as its own answer.  Here the generated client is kept (a pooled client *is* an instance
-of the module's ``Client``, so code keeps its types) and three things are put under it:
+of the module's ``Client``, so code keeps its types) and four things are put around it:
 
+- each IDL method, wrapped once per service (:func:`_pooled_method`): it refuses to run
+  after the checkout ended, numbers the request (the generated code writes the client's
+  ``_seqid``), takes the call's timeout (``socket_timeout``, ``method_timeouts``,
+  :meth:`Connection.call_timeout <thriftpool.connection.Connection.call_timeout>`) and
+  the time left in a ``thriftpool.deadline()`` (none left: ``DeadlineExceeded``, nothing
+  sent), raises the in-call flag, counts a failure on the connection, and turns whatever
+  a decoder raised on a malformed reply into Apache's ``TProtocolException``;
 - the protocol, re-classed once at connect time to a subclass of whatever the protocol
-  factory built (:class:`_Numbered` in front of it): ``writeMessageBegin`` numbers the
-  request and raises the connection's in-call flag, ``readMessageBegin`` checks the
+  factory built (:class:`_Numbered` in front of it): ``readMessageBegin`` checks the
   reply's sequence id and method name (a mismatch raises
   :class:`~thriftpool.ReplyMismatch`) and its message type, ``readMessageEnd`` lowers
-  the in-call flag.  Every other method, and the C fast path of
+  the in-call flag; strict binary headers are written in one piece and read in two
+  (:class:`_StrictBinary`).  String and container lengths are bounded by
+  ``max_message_size``.  Every other method, and the C fast path of
   ``TBinaryProtocolAccelerated`` / ``TCompactProtocolAccelerated``
   (``thrift.protocol.fastbinary``), is Apache's own;
-- thriftpool's own socket (:class:`PoolSocket`, an Apache ``TSocket`` given an open
-  socket with ``setHandle``): connect timeout, kernel socket timeouts, TLS, the pool's
-  liveness check, a deadline for the whole call, the sent flag raised when the request
-  was flushed, and none of ``TSocket.open()``'s logging;
+- thriftpool's own socket (:class:`PoolSocket`, an Apache ``TSocket`` over a socket the
+  pool opened, with the thriftpy2 stack's :class:`~thriftpool.connection.WireBounds`):
+  resolution, connect to every address in turn and TLS handshake within
+  ``connect_timeout``, kernel socket timeouts, a deadline for the whole call however the
+  server spaces its bytes, frame headers (framed and THeader) and reply sizes checked
+  against ``max_message_size`` before anything is read for them, a TLS session refused
+  at its first read as ``TTransportException(NOT_OPEN)`` with the request not sent, the
+  sent flag raised when the request was flushed, and none of ``TSocket.open()``'s
+  logging;
 - a released client's protocols, replaced by an object that raises
   :class:`~thriftpool.ClientReleased` on any use.
 
@@ -37,6 +50,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Type
 
 from thrift.protocol.TBinaryProtocol import (
+    TBinaryProtocol,
     TBinaryProtocolAcceleratedFactory,
     TBinaryProtocolFactory,
 )
@@ -46,17 +60,20 @@ from thrift.protocol.TCompactProtocol import (
 )
 from thrift.protocol.THeaderProtocol import THeaderProtocol, THeaderProtocolFactory
 from thrift.protocol.TProtocol import TProtocolException
-from thrift.Thrift import TApplicationException, TMessageType, TProcessor
+from thrift.Thrift import TApplicationException, TException, TMessageType, TProcessor
 from thrift.transport.THeaderTransport import THeaderClientType
 from thrift.transport.TSocket import TSocket
 from thrift.transport.TTransport import (
     TBufferedTransportFactory,
+    TFramedTransport,
     TFramedTransportFactory,
     TTransportException,
 )
 
 from . import _compat
-from .errors import ClientReleased, ReplyMismatch
+from .connection import WireBounds
+from .deadlines import _CURRENT, Deadline
+from .errors import ClientReleased, ReplyMismatch, ThriftPoolError
 from .service import ServiceSpec
 
 try:
@@ -80,95 +97,64 @@ _MAX_SEQID = 2 ** 31 - 1
 _ONEWAY = TMessageType.ONEWAY
 _REPLY = TMessageType.REPLY
 _EXCEPTION = TMessageType.EXCEPTION
-#: A read re-arms the socket's timeout only when the call has this much less time left
-#: than the socket allows, so the usual one-read reply costs no extra system call.
-_REARM_SLACK = 0.005
 _INF = float("inf")
-
-
-def _timeval(seconds: float) -> bytes:
-    if seconds == _INF:
-        return struct.pack("@ll", 0, 0)  # "never"
-    whole = int(seconds)
-    micros = round((seconds - whole) * 1e6)
-    if micros >= 1_000_000:
-        whole, micros = whole + 1, micros - 1_000_000
-    if whole == 0 and micros == 0:
-        micros = 1  # a zero timeval means "never" to the kernel
-    return struct.pack("@ll", whole, micros)
 
 
 # -- the socket ----------------------------------------------------------------------------
 
-class PoolSocket(TSocket):  # type: ignore[misc]
-    """An Apache ``TSocket`` over a socket that thriftpool opened.
+class PoolSocket(WireBounds, TSocket):  # type: ignore[misc]
+    """An Apache ``TSocket`` over a socket that thriftpool opened, with the wire bounds of
+    the thriftpy2 stack (:class:`~thriftpool.connection.WireBounds`): the whole-call
+    deadline, the ``max_message_size`` checks (frame headers before anything is read for
+    them, and the reply's total), and a TLS session refused at its first read as
+    ``TTransportException(NOT_OPEN)``.
 
-    ``sock`` is the same object as Apache's ``handle``, so the pool's connection code
-    (liveness check, timeouts, close, fork detach) treats both stacks alike.  Reads and
-    writes keep to the call's deadline (see :meth:`begin_call`) and raise Apache's
-    ``TTransportException`` with ``TIMED_OUT`` when it passes, whether the kernel
-    (``SO_RCVTIMEO``) or Python timed the socket out.
+    ``sock`` is the socket (``handle`` is the same object, for Apache's code), so the
+    pool's connection code (liveness check, timeouts, close, fork detach) treats both
+    stacks alike.  A read or write that runs out of time raises Apache's
+    ``TTransportException(TIMED_OUT)``, or :class:`~thriftpool.DeadlineExceeded` (the
+    timeout chained) when a ``thriftpool.deadline()`` rather than the call's own timeout
+    cut it short.
     """
 
-    handle: Optional[socket.socket]
+    _conn: Optional["Connection"] = None
+    _binding: Optional[Deadline] = None  # the deadline that bounds the current call
+    _timeout: Optional[float] = None  # the current call's timeout, for messages
+    _api = "call"  # the current call's method, when a deadline bounds it
 
-    def __init__(self, handle: socket.socket, address: "Address", kernel_timeouts: bool
-                 ) -> None:
-        super().__init__(address.host, address.port)
-        self.handle = handle
-        self._conn: Optional["Connection"] = None
-        self._deadline: Optional[float] = None
-        self._timeout: Optional[float] = None  # the call's timeout, for messages
-        self._armed = _INF  # the per-read timeout on the socket now
-        self._kernel = kernel_timeouts
-        self._oneway = False
+    def __init__(self, sock: Any, address: "Address") -> None:
+        # Not TSocket.__init__: the socket is open, and host/port only name it.
+        self.host = address.host
+        self.port = address.port
+        self._unix_socket = None
+        self._socket_family = sock.family
+        self.sock = sock
 
     @property
-    def sock(self) -> Optional[socket.socket]:
-        return self.handle
+    def handle(self) -> Any:
+        return self.sock
 
-    @sock.setter
-    def sock(self, value: Optional[socket.socket]) -> None:
-        self.handle = value
+    @handle.setter
+    def handle(self, value: Any) -> None:
+        self.sock = value
 
     def open(self) -> None:
         raise TTransportException(TTransportException.ALREADY_OPEN,
                                   "a pooled socket is opened by the pool")
 
-    def begin_call(self, timeout: Optional[float], oneway: bool) -> None:
-        """A request is about to be written: from now until the reply is read in full
-        the call may take ``timeout`` seconds (``None``: no bound)."""
-        self._oneway = oneway
-        self._timeout = timeout
-        if timeout is None:
-            self._deadline = None
-            if self._armed != _INF:
-                self._arm(_INF)
-        else:
-            self._deadline = monotonic() + timeout
-            if self._armed != timeout:
-                self._arm(timeout)
-
-    def _arm(self, seconds: float) -> None:
-        """Give each read and write at most ``seconds`` (``inf``: no bound)."""
-        handle = self.handle
-        if handle is None:
-            return
-        if self._kernel and handle.gettimeout() is None:
-            tv = _timeval(seconds)
-            handle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        else:
-            handle.settimeout(None if seconds == _INF else seconds)
-        self._armed = seconds
-
-    def _timed_out(self, what: str, cause: Optional[BaseException] = None
-                   ) -> TTransportException:
-        if self._deadline is not None and monotonic() >= self._deadline - _REARM_SLACK:
+    def _timed_out(self, what: str, exc: BaseException) -> BaseException:
+        binding = self._binding
+        if binding is not None:
+            exceeded: BaseException = binding.exceeded(
+                self._api, f"(timed out in a {what} on {self._peer})")
+            return exceeded
+        if self._timeout is not None and self._ends != _INF:
             message = f"call timed out after {self._timeout:g}s ({what})"
         else:
             message = f"{what} timed out"
-        return TTransportException(TTransportException.TIMED_OUT, message, inner=cause)
+        error: BaseException = TTransportException(TTransportException.TIMED_OUT, message,
+                                                   inner=exc)
+        return error
 
     def _closed_error(self) -> BaseException:
         conn = self._conn
@@ -179,40 +165,26 @@ class PoolSocket(TSocket):  # type: ignore[misc]
         return error
 
     def read(self, sz: int) -> bytes:
-        handle = self.handle
-        if handle is None:
+        if self.sock is None:
             raise self._closed_error()
-        deadline = self._deadline
-        if deadline is not None:
-            left = deadline - monotonic()
-            if left < self._armed - _REARM_SLACK:
-                # A reply in pieces: the next read gets only the time left.
-                if left <= 0:
-                    raise self._timed_out("read")
-                self._arm(left)
         try:
-            buff = handle.recv(sz)
-        except (BlockingIOError, socket.timeout) as exc:
-            # BlockingIOError: SO_RCVTIMEO expired (a blocking socket with a kernel timeout)
+            data = self._recv(sz)
+        except socket.timeout as exc:  # TimeoutError: the call's time is up
             raise self._timed_out("read", exc) from exc
         except OSError as exc:
             raise TTransportException(TTransportException.END_OF_FILE,
                                       f"read failed: {exc}", inner=exc) from exc
-        if not buff:
+        if not data:
             raise TTransportException(TTransportException.END_OF_FILE,
                                       "the server closed the connection")
-        return buff  # type: ignore[no-any-return]
+        return data
 
     def write(self, buff: bytes) -> None:
-        handle = self.handle
-        if handle is None:
+        if self.sock is None:
             raise self._closed_error()
-        deadline = self._deadline
-        if deadline is not None and deadline - monotonic() <= 0:
-            raise self._timed_out("write")
         try:
-            handle.sendall(buff)
-        except (BlockingIOError, socket.timeout) as exc:
+            self._send(buff)
+        except socket.timeout as exc:
             raise self._timed_out("write", exc) from exc
         except OSError as exc:
             raise TTransportException(TTransportException.END_OF_FILE,
@@ -224,117 +196,92 @@ class PoolSocket(TSocket):  # type: ignore[misc]
         conn = self._conn
         if conn is not None:
             conn.sent = True
-            if self._oneway:
-                conn.in_call = False
-                self._deadline = None
 
     def isOpen(self) -> bool:
-        return self.handle is not None
+        return self.sock is not None
 
     def close(self) -> None:
-        handle, self.handle = self.handle, None
-        if handle is None:
+        sock, self.sock = self.sock, None
+        if sock is None:
             return
         try:
-            handle.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         try:
-            handle.close()
+            sock.close()
         except OSError:
             pass
+
+    def _protocol_error(self, kind: int, message: str) -> Exception:
+        error: Exception = TProtocolException(kind, message)
+        return error
+
+    def _not_open(self, message: str) -> Exception:
+        # A TLS session refused at its first read or write: nothing was delivered.
+        conn = self._conn
+        if conn is not None:
+            conn.sent = False
+        error: Exception = TTransportException(TTransportException.NOT_OPEN, message)
+        return error
 
 
 def _connect(address: "Address", config: "PoolConfig", tls_required: bool,
-             connect_timeout: float) -> Tuple[socket.socket, bool]:
-    """Open (and, with an ``ssl_context``, handshake) a socket within ``connect_timeout``.
+             timeout: Optional[float]) -> Any:
+    """Resolve, connect (every address in turn) and, with an ``ssl_context``, handshake,
+    all within ``connect_timeout`` (or ``timeout`` when smaller): the thriftpy2 stack's
+    :class:`~thriftpool.connection.BoundedTSocket` does it, Apache's exception reports it.
 
-    :returns: the socket and whether kernel timeouts time it.
-    :raises TTransportException: ``NOT_OPEN``.
+    :returns: the connected socket.
+    :raises TTransportException: ``NOT_OPEN`` (Apache's), with the cause chained.
     """
-    from .connection import _set_call_timeout
+    from thriftpy2.transport import TTransportException as _Tpy2TransportError
 
-    addr = str(address)
+    from .connection import BoundedTSocket
+
     if config.ssl_context is None and tls_required:
         raise TTransportException(
             TTransportException.NOT_OPEN,
-            f"instance {addr} requires TLS and the pool has no ssl_context: refusing "
+            f"instance {address} requires TLS and the pool has no ssl_context: refusing "
             "to send plaintext")
+    opener = BoundedTSocket(address.host, address.port, config, timeout)
     try:
-        sock = socket.create_connection((address.host, address.port),
-                                        timeout=connect_timeout)
-    except OSError as exc:
-        raise TTransportException(TTransportException.NOT_OPEN,
-                                  f"Could not connect to {addr}: {exc}", inner=exc) from exc
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if config.ssl_context is not None:
-            try:
-                sock = config.ssl_context.wrap_socket(
-                    sock, server_hostname=config.server_hostname or address.host)
-            except ssl.SSLError as exc:
-                raise TTransportException(
-                    TTransportException.NOT_OPEN,
-                    f"TLS handshake with {addr} failed: {exc}", inner=exc) from exc
-            sock.settimeout(config.socket_timeout)
-            return sock, False
-        _set_call_timeout(sock, config.socket_timeout)
-        return sock, sock.gettimeout() is None and config.socket_timeout is not None
-    except BaseException as exc:
-        sock.close()
-        if isinstance(exc, OSError):
-            raise TTransportException(TTransportException.NOT_OPEN,
-                                      f"Could not connect to {addr}: {exc}",
-                                      inner=exc) from exc
-        raise
+        opener.open()
+    except _Tpy2TransportError as exc:
+        raise TTransportException(TTransportException.NOT_OPEN, exc.message,
+                                  inner=exc) from exc
+    except Exception as exc:  # whatever fails in a connect is a connect failure
+        raise TTransportException(
+            TTransportException.NOT_OPEN,
+            f"Could not connect to {address}: {type(exc).__name__}: {exc}",
+            inner=exc) from exc
+    return opener.sock
 
 
 # -- the protocol --------------------------------------------------------------------------
 
 class _Numbered:
-    """Put in front of an Apache protocol class: numbered requests, checked replies.
+    """Put in front of an Apache protocol class: checked replies.
 
-    Set up by :func:`_number`, which re-classes a protocol the factory built.
+    Set up by :func:`_number`, which re-classes a protocol the factory built.  The
+    pooled client's methods (see :func:`_pooled_method`) number each request (the
+    generated code writes the client's ``_seqid``) and name the method they expect
+    (``_expect_name``); ``readMessageBegin`` checks the reply's sequence id and method
+    name (a mismatch raises :class:`~thriftpool.ReplyMismatch`) and its message type;
+    ``readMessageEnd`` lowers the connection's in-call flag.
     """
 
     _conn: "Connection"
-    _tsock: PoolSocket
-    _call_timeout: Optional[float]
-    _method_timeouts: Dict[str, Optional[float]]
+    trans: Any
     _expect_name = ""
-    _expect_seqid = -1
-
-    def writeMessageBegin(self, name: str, ttype: int, seqid: int) -> None:
-        conn = self._conn
-        seqid = conn.seqid + 1
-        if seqid > _MAX_SEQID:
-            seqid = 1
-        conn.seqid = seqid
-        self._expect_name = name
-        self._expect_seqid = seqid
-        # From the first byte written until the reply is read in full the stream is in
-        # an unknown state: whatever interrupts the call, the socket must not be reused.
-        conn.in_call = True
-        conn.sent = False
-        timeouts = self._method_timeouts
-        timeout = timeouts.get(name, self._call_timeout) if timeouts else self._call_timeout
-        tsock = self._tsock
-        if timeout is not None and tsock._armed == timeout:
-            # The usual call (PoolSocket.begin_call inlined: it runs on every call).
-            tsock._oneway = ttype == _ONEWAY
-            tsock._timeout = timeout
-            tsock._deadline = monotonic() + timeout
-        else:
-            tsock.begin_call(timeout, ttype == _ONEWAY)
-        super().writeMessageBegin(name, ttype, seqid)  # type: ignore[misc]
 
     def readMessageBegin(self) -> Tuple[str, int, int]:
         fname, mtype, rseqid = super().readMessageBegin()  # type: ignore[misc]
-        if rseqid != self._expect_seqid or fname != self._expect_name:
+        conn = self._conn
+        if rseqid != conn.seqid or fname != self._expect_name:
             raise ReplyMismatch(
                 f"reply {fname!r} seqid {rseqid} does not answer request "
-                f"{self._expect_name!r} seqid {self._expect_seqid} on {self._conn}; the "
+                f"{self._expect_name!r} seqid {conn.seqid} on {conn}; the "
                 "connection was dropped")
         if mtype != _REPLY and mtype != _EXCEPTION:
             raise TProtocolException(
@@ -345,23 +292,112 @@ class _Numbered:
     def readMessageEnd(self) -> None:
         super().readMessageEnd()  # type: ignore[misc]
         self._conn.in_call = False
-        self._tsock._deadline = None
 
 
-_NUMBERED: Dict[type, type] = {}
+class _NumberedNoEnd(_Numbered):
+    """:class:`_Numbered` for protocols whose ``readMessageEnd`` does nothing (binary)."""
+
+    def readMessageEnd(self) -> None:
+        self._conn.in_call = False
 
 
-def _number(protocol: Any, tsock: PoolSocket, config: "PoolConfig") -> Any:
-    """Re-class ``protocol`` (as its factory built it) to number its messages."""
+_I32 = struct.Struct("!i")
+_VERSION_1 = TBinaryProtocol.VERSION_1
+_VERSION_MASK = TBinaryProtocol.VERSION_MASK
+#: Per (method name, message type): the strict binary message header up to the seqid.
+_HEADS: Dict[Tuple[str, int], bytes] = {}
+#: Per method name: its UTF-8 bytes, as a reply header carries them.
+_NAMES: Dict[str, bytes] = {}
+
+
+class _StrictBinary(_NumberedNoEnd):
+    """:class:`_Numbered` for the binary protocols (plain and accelerated) that write
+    strict headers, Apache's default: the same bytes, with the message header written in
+    one piece and read in two (Apache's own code takes three and four writes and reads,
+    each a few Python calls deep)."""
+
+    def writeMessageBegin(self, name: str, ttype: int, seqid: int) -> None:
+        head = _HEADS.get((name, ttype))
+        if head is None:
+            raw = name.encode("utf-8")
+            head = _I32.pack(_VERSION_1 | ttype) + _I32.pack(len(raw)) + raw
+            if len(_HEADS) < 4096:  # method names: a few per service
+                _HEADS[(name, ttype)] = head
+        self.trans.write(head + _I32.pack(seqid))
+
+    def readMessageBegin(self) -> Tuple[str, int, int]:
+        read_all = self.trans.readAll
+        sz = _I32.unpack(read_all(4))[0]
+        if sz >= 0:  # an old-style (non-strict) header: Apache's code reads the rest
+            if self.strictRead:  # type: ignore[attr-defined]
+                raise TProtocolException(TProtocolException.BAD_VERSION,
+                                         "No protocol version header")
+            self._check_string_length(sz)  # type: ignore[attr-defined]
+            fname = read_all(sz).decode("utf-8")
+            mtype = self.readByte()  # type: ignore[attr-defined]
+            rseqid = self.readI32()  # type: ignore[attr-defined]
+            return self._checked(fname, mtype, rseqid)
+        if sz & _VERSION_MASK != _VERSION_1:
+            raise TProtocolException(TProtocolException.BAD_VERSION,
+                                     f"Bad version in readMessageBegin: {sz}")
+        name = self._expect_name
+        raw = _NAMES.get(name)
+        if raw is None:
+            raw = name.encode("utf-8")
+            if len(_NAMES) < 4096:
+                _NAMES[name] = raw
+        n = len(raw)
+        # The reply to this request names it: its length, its name and the seqid.
+        rest = read_all(n + 8)
+        if _I32.unpack_from(rest)[0] != n or rest[4:4 + n] != raw:
+            got = rest[4:4 + n].decode("utf-8", "replace")
+            raise ReplyMismatch(
+                f"reply {got!r}... does not answer request {name!r} seqid "
+                f"{self._conn.seqid} on {self._conn}; the connection was dropped")
+        return self._checked(name, sz & 0xFF, _I32.unpack_from(rest, n + 4)[0])
+
+    def _checked(self, fname: str, mtype: int, rseqid: int) -> Tuple[str, int, int]:
+        conn = self._conn
+        if rseqid != conn.seqid or fname != self._expect_name:
+            raise ReplyMismatch(
+                f"reply {fname!r} seqid {rseqid} does not answer request "
+                f"{self._expect_name!r} seqid {conn.seqid} on {conn}; the "
+                "connection was dropped")
+        if mtype != _REPLY and mtype != _EXCEPTION:
+            raise TProtocolException(
+                TProtocolException.INVALID_DATA,
+                f"reply to {fname!r} has message type {mtype}, neither REPLY nor EXCEPTION")
+        return fname, mtype, rseqid
+
+
+_NUMBERED: Dict[Tuple[type, type], type] = {}
+_LIMITS = ("string_length_limit", "container_length_limit")
+
+
+def _number(protocol: Any, config: "PoolConfig") -> Any:
+    """Re-class ``protocol`` (as its factory built it) to check its replies, and bound
+    its string and container lengths by ``max_message_size`` (a tighter limit of the
+    factory's own stays)."""
     cls = type(protocol)
-    numbered = _NUMBERED.get(cls)
+    mixin: type = _Numbered
+    if cls.readMessageEnd is TBinaryProtocol.readMessageEnd:
+        mixin = _NumberedNoEnd
+        if isinstance(protocol, TBinaryProtocol) and protocol.strictWrite and \
+                cls.writeMessageBegin is TBinaryProtocol.writeMessageBegin and \
+                cls.readMessageBegin is TBinaryProtocol.readMessageBegin:
+            mixin = _StrictBinary
+    numbered = _NUMBERED.get((cls, mixin))
     if numbered is None:
-        numbered = type(f"Numbered{cls.__name__}", (_Numbered, cls), {})
-        _NUMBERED[cls] = numbered
+        numbered = type(f"Numbered{cls.__name__}", (mixin, cls), {})
+        _NUMBERED[(cls, mixin)] = numbered
     protocol.__class__ = numbered
-    protocol._tsock = tsock
-    protocol._call_timeout = config.socket_timeout
-    protocol._method_timeouts = dict(getattr(config, "method_timeouts", None) or {})
+    limit = config.max_message_size
+    if limit is not None:
+        for name in _LIMITS:
+            if hasattr(protocol, name):
+                held = getattr(protocol, name)
+                if held is None or held > limit:
+                    setattr(protocol, name, limit)
     return protocol
 
 
@@ -371,17 +407,22 @@ def open_connection(cls: Type["Connection"], address: "Address", config: "PoolCo
     """:meth:`Connection.open` for the Apache stack (same contract, Apache's exceptions)."""
     from .connection import connection_expiry
 
-    sock, kernel = _connect(address, config, tls_required,
-                            config.connect_timeout if timeout is None else timeout)
-    tsock = PoolSocket(sock, address, kernel)
+    sock = _connect(address, config, tls_required, timeout)
+    tsock = PoolSocket(sock, address)
     try:
         transport = config.transport_factory.getTransport(tsock)
-        protocol = _number(config.protocol_factory.getProtocol(transport), tsock, config)
+        protocol = _number(config.protocol_factory.getProtocol(transport), config)
+        # THeader replies come in frames whatever transport is under them.
+        framed = isinstance(transport, TFramedTransport) or \
+            isinstance(protocol, THeaderProtocol)
+        tsock.bound(config.socket_timeout, config.max_message_size, framed=framed,
+                    tls=isinstance(sock, ssl.SSLSocket), peer=str(address))
     except BaseException:
         tsock.close()
         raise
     now = _compat.monotonic()
-    conn = cls(address, tsock, transport, protocol, now, connection_expiry(config, now))
+    conn = cls(address, tsock, transport, protocol, now, connection_expiry(config, now),
+               config.socket_timeout, dict(config.method_timeouts) or None)
     tsock._conn = protocol._conn = conn
     return conn
 
@@ -401,6 +442,11 @@ class _Released:
 _RELEASED = _Released()
 
 
+def _released(api: str) -> ClientReleased:
+    return ClientReleased(f"{api}() called after its checkout ended; its connection may "
+                          "belong to another caller now")
+
+
 class ApacheClientMixin:
     """Put in front of a generated ``Client``: the pool's bookkeeping (see the module)."""
 
@@ -414,7 +460,7 @@ class ApacheClientMixin:
         self._iprot = self._oprot = protocol = conn.protocol
         self._seqid = 0
         self._pooled_conn = conn
-        if isinstance(protocol, THeaderProtocol):
+        if conn.socket._framed and isinstance(protocol, THeaderProtocol):
             # Headers belong to one checkout: none left over from the last one.
             protocol.clear_headers()
             protocol.trans._read_headers = {}
@@ -433,9 +479,7 @@ class ApacheClientMixin:
         """Call the IDL method ``_api`` (the pool's proxy and heartbeat use this)."""
         conn = self._pooled_conn
         if conn is None or conn.detached:
-            raise ClientReleased(
-                f"{_api}() called after its checkout ended; its connection may belong "
-                "to another caller now")
+            raise _released(_api)
         return self._calls[_api](self, *args, **kwargs)
 
     def _trial(self, timeout: Optional[float]) -> None:
@@ -445,27 +489,31 @@ class ApacheClientMixin:
 
         conn = self._pooled_conn
         assert conn is not None
+        seqid = conn.seqid + 1
+        if seqid > _MAX_SEQID:
+            seqid = 1
+        conn.seqid = seqid
+        conn.in_call = True
+        conn.sent = False
+        tsock: Any = conn.socket
+        tsock.begin(timeout)
+        tsock._binding = None
+        tsock._timeout = timeout
         oprot = self._oprot
-        saved = oprot._call_timeout, oprot._method_timeouts
-        oprot._call_timeout, oprot._method_timeouts = timeout, {}
-        try:
-            oprot.writeMessageBegin(TRIAL_METHOD, TMessageType.CALL, 0)
-            oprot.writeStructBegin("trial_args")
-            oprot.writeFieldStop()
-            oprot.writeStructEnd()
-            oprot.writeMessageEnd()
-            oprot.trans.flush()
-            conn.sent = True
-            iprot = self._iprot
-            _, mtype, _ = iprot.readMessageBegin()
-            if mtype != TMessageType.EXCEPTION:
-                raise ReplyMismatch(f"trial call on {conn}: reply type {mtype}")
-            x = TApplicationException()
-            x.read(iprot)
-            iprot.readMessageEnd()
-            conn.in_call = False
-        finally:
-            oprot._call_timeout, oprot._method_timeouts = saved
+        oprot._expect_name = TRIAL_METHOD
+        oprot.writeMessageBegin(TRIAL_METHOD, TMessageType.CALL, seqid)
+        oprot.writeStructBegin("trial_args")
+        oprot.writeFieldStop()
+        oprot.writeStructEnd()
+        oprot.writeMessageEnd()
+        oprot.trans.flush()
+        iprot = self._iprot
+        _, mtype, _ = iprot.readMessageBegin()
+        if mtype != TMessageType.EXCEPTION:
+            raise ReplyMismatch(f"trial call on {conn}: reply type {mtype}")
+        x = TApplicationException()
+        x.read(iprot)
+        iprot.readMessageEnd()
 
     def _header_protocol(self) -> Any:
         prot = self._oprot
@@ -498,18 +546,83 @@ class ApacheClientMixin:
         return f"<{type(self).__name__} {state}>"
 
 
-def _counted(func: Callable[..., Any]) -> Callable[..., Any]:
-    """A generated client method that counts its failures on the connection (the pool's
-    ``call_errors``); nothing more on a call that succeeds."""
+_THRIFT_ERRORS = (TException, ThriftPoolError)
+_DEPTH_LIMIT = 6  # Apache's TProtocolException.DEPTH_LIMIT
+
+
+def _decode_error(exc: Exception, api: str, conn: "Connection") -> TProtocolException:
+    """The ``TProtocolException`` for whatever a decoder raised on a malformed reply:
+    Apache's C extension raises ``OverflowError`` for a length over its limit or a
+    negative one, and ``MemoryError``; its pure-Python protocols ``struct.error``,
+    ``UnicodeDecodeError`` and more."""
+    where = f"the reply to {api}() from {conn.address}"
+    detail = f"{type(exc).__name__}: {exc}"
+    text = str(exc)
+    if isinstance(exc, RecursionError):
+        kind, message = _DEPTH_LIMIT, f"{where} nests too deep ({detail})"
+    elif isinstance(exc, (OverflowError, ValueError)) and "egative" in text:
+        kind, message = TProtocolException.NEGATIVE_SIZE, \
+            f"{where} has a negative length ({detail})"
+    elif isinstance(exc, (MemoryError, OverflowError)):
+        kind, message = TProtocolException.SIZE_LIMIT, \
+            f"{where} claims a length over the limit ({detail})"
+    else:
+        kind, message = TProtocolException.INVALID_DATA, f"cannot decode {where} ({detail})"
+    error: TProtocolException = TProtocolException(kind, message)
+    return error
+
+
+def _pooled_method(name: str, func: Callable[..., Any], oneway: bool
+                   ) -> Callable[..., Any]:
+    """The generated client method ``func`` run on the pooled connection: the request
+    numbered, its timeout (``method_timeouts``, ``call_timeout()``) and any
+    ``thriftpool.deadline()`` applied to the whole call, the in-call and sent flags
+    kept, and a failure counted on the connection (the pool's ``call_errors``)."""
+    what = f"{name}()"
+
     @functools.wraps(func)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        conn = self._pooled_conn
+        if conn is None or conn.detached:
+            raise _released(name)
+        timeouts = conn.timeouts
+        timeout = conn.timeout if timeouts is None else timeouts.get(name, conn.timeout)
+        binding = _CURRENT.get()
+        if binding is not None:
+            left = binding.expires_at - monotonic()
+            if left <= 0:
+                raise binding.exceeded(what, "(the request was not sent)")
+            if timeout is None or left < timeout:
+                timeout = left
+                conn.socket._api = what
+            else:
+                binding = None
+        seqid = conn.seqid + 1
+        if seqid > _MAX_SEQID:
+            seqid = 1
+        conn.seqid = self._seqid = seqid
+        # From the first byte written until the reply is read in full the stream is in
+        # an unknown state: whatever interrupts the call, the socket must not be reused.
+        conn.in_call = True
+        conn.sent = False
+        tsock = conn.socket
+        tsock.begin(timeout)
+        tsock._binding = binding
+        tsock._timeout = timeout
+        self._iprot._expect_name = name
         try:
-            return func(self, *args, **kwargs)
-        except BaseException:
-            conn = self._pooled_conn
-            if conn is not None:
-                conn.failed_calls += 1
+            result = func(self, *args, **kwargs)
+        except BaseException as exc:
+            conn.failed_calls += 1  # the error paths only: free for calls that succeed
+            if conn.in_call and conn.sent and isinstance(exc, Exception) and \
+                    not isinstance(exc, _THRIFT_ERRORS):
+                # The reply was being decoded: whatever the decoder raised, it is a
+                # malformed reply.
+                raise _decode_error(exc, name, conn) from exc
             raise
+        if oneway:
+            conn.in_call = False
+        return result
 
     return call
 
@@ -548,7 +661,8 @@ class ApacheSpec(ServiceSpec):
                                m + "_args", None)
             spec = getattr(args_cls, "thrift_spec", None) or ()
             self._args[m] = tuple(f[2] for f in spec if f is not None)
-        calls = {m: _counted(getattr(base, m)) for m in self.methods}
+        calls = {m: _pooled_method(m, getattr(base, m), m in self.oneway)
+                 for m in self.methods}
         namespace: Dict[str, Any] = {
             m: f for m, f in calls.items() if not hasattr(ApacheClientMixin, m)}
         namespace.update({
@@ -559,6 +673,8 @@ class ApacheSpec(ServiceSpec):
         })
         self.client_class = type(f"Pooled{self.name}Client", (ApacheClientMixin, base),
                                  namespace)
+        # The class itself makes the clients: one Python call less per checkout.
+        self.make_client = self.client_class  # type: ignore[method-assign]
 
     def args_spec(self, method: str) -> Tuple[str, ...]:
         return self._args[method]

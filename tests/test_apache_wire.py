@@ -1,0 +1,609 @@
+"""The wire guarantees of issue 11 on the Apache Thrift stack: whole-call and per-method
+timeouts, ``thriftpool.deadline()``, ``max_message_size`` (frames, THeader frames, string
+and container lengths), malformed replies as Apache's own exceptions, bounded resolution
+over every address, a TLS session refused at its first read as a failed connect, and
+heartbeats bounded by ``call_timeout()``.  The lying servers (tests/liars.py) speak the
+binary and compact wire, which is the same for both stacks."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+import tracemalloc
+
+import pytest
+
+import thriftpool
+from liars import FRAMED_LIES, LIES, LiarServer
+from servers import wait_for
+from thriftpool import DeadlineExceeded
+from thriftpool.address import Address, parse_address
+from thriftpool.connection import Connection, is_connect_error, should_discard
+
+pytestmark = [pytest.mark.usefixtures("no_thread_leak"), pytest.mark.apache]
+
+COMBOS = [("buffered", "binary"), ("buffered", "compact"), ("framed", "binary"),
+          ("framed", "compact")]
+SOCKET_TIMEOUT = 1.0
+
+
+@pytest.fixture
+def liar():
+    servers = []
+
+    def make(transport: str = "buffered", protocol: str = "binary", **kwargs) -> LiarServer:
+        s = LiarServer(transport, protocol, **kwargs)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def pools(apache):
+    """``pools(addresses, **options)``: pools of the Apache service, closed at teardown."""
+    made = []
+
+    def make(discovery, **options):
+        options.setdefault("name", "test")
+        pool = thriftpool.ThriftPool(apache.service, discovery, **options)
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+def _open(apache, address: str, **options):
+    config = thriftpool.PoolConfig.build(service=apache.service, **options)
+    conn = Connection.open(parse_address(address), config)
+    return conn, config.spec.make_client(conn)
+
+
+# -- malformed replies ----------------------------------------------------------------------
+
+def _cases():
+    for transport, protocol in COMBOS:
+        for lie in LIES + (FRAMED_LIES if transport == "framed" else ()):
+            yield transport, protocol, lie
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("transport,protocol,lie", list(_cases()))
+def test_a_lying_reply_raises_apaches_exception_and_discards(apache, liar, pools, transport,
+                                                             protocol, lie):
+    server = liar(transport, protocol)
+    pool = pools([server.address], min_size=0, transport=transport, protocol=protocol,
+                 socket_timeout=SOCKET_TIMEOUT, failure_threshold=5)
+    with pool.checkout() as client:  # an honest call first: the codec path is warm
+        assert client.echo("warm") == "warm"
+    server.lie(lie)
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception) as info:
+            with pool.checkout() as client:
+                client.echo("x" * 200)
+        elapsed = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    exc = info.value
+    # Apache's own exception types, never OverflowError, MemoryError, struct.error...
+    assert isinstance(exc, (apache.TProtocolException, apache.TTransportException)), \
+        f"{lie}: {type(exc).__name__}: {exc}"
+    assert should_discard(exc)
+    if lie == "trickle":
+        assert exc.type == apache.TTransportException.TIMED_OUT
+        assert SOCKET_TIMEOUT - 0.05 <= elapsed < SOCKET_TIMEOUT + 0.5
+    else:
+        assert elapsed < 1.0, f"{lie} took {elapsed:.2f}s"
+    if lie in ("frame_len", "string_len", "string_1g", "list_len") and \
+            isinstance(exc, apache.TProtocolException):
+        assert exc.type in (apache.TProtocolException.SIZE_LIMIT,
+                            apache.TProtocolException.INVALID_DATA), exc
+    if lie in ("negative_len", "frame_negative"):
+        assert exc.type == apache.TProtocolException.NEGATIVE_SIZE, exc
+    if lie == "deep":
+        assert exc.type == 6  # DEPTH_LIMIT
+    assert peak < 4 * 1024 * 1024, f"{lie}: traced peak {peak} bytes"
+    wait_for(lambda: server.stats()["closes_seen"] == 1, timeout=5,
+             message=f"the server to see the close after {lie}")
+    stats = pool.stats()["instances"][server.address]
+    assert stats["idle"] + stats["in_use"] == 0
+    assert pool.stats()["call_errors"] == 1  # counted once, on the failing call
+    with pool.checkout() as client:  # the next call works, on a new connection
+        assert client.echo("again") == "again"
+    assert server.stats()["accepted"] == 2
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("lie", ["string_len", "negative_len", "garbage"])
+def test_an_instance_answering_malformed_replies_is_ejected(apache, liar, pools, lie):
+    bad = liar().lie(*[lie] * 20)
+    good = liar()
+    pool = pools([bad.address, good.address], min_size=0, failure_threshold=2,
+                 backoff_initial=30.0, balancer="round_robin")
+    proxy = pool.client()
+    failures = 0
+    for i in range(12):
+        try:
+            assert proxy.echo(str(i)) == str(i)
+        except apache.TProtocolException:
+            failures += 1
+    assert failures == 2  # then the liar is out of rotation
+    assert pool.stats()["instances"][bad.address]["healthy"] is False
+    assert pool.stats()["instances"][good.address]["healthy"] is True
+
+
+# -- max_message_size -----------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("transport,protocol", COMBOS)
+def test_max_message_size_limits_honest_replies(apache, liar, pools, transport, protocol):
+    server = liar(transport, protocol)
+    pool = pools([server.address], min_size=0, transport=transport, protocol=protocol,
+                 max_message_size=10_000)
+    assert pool.client().echo("y" * 9_000) == "y" * 9_000
+    with pytest.raises(apache.TProtocolException) as info:
+        pool.client().echo("y" * 12_000)
+    assert info.value.type == apache.TProtocolException.SIZE_LIMIT
+    assert pool.client().echo("z") == "z"
+
+
+@pytest.mark.timeout(30)
+def test_string_and_container_limits_follow_max_message_size(apache, liar):
+    from thrift.protocol.TBinaryProtocol import TBinaryProtocolAcceleratedFactory
+    from thrift.protocol.TCompactProtocol import TCompactProtocolFactory
+
+    server = liar()
+    for protocol, limit, want in [
+            ("binary", 1000, (1000, 1000)),
+            ("compact", 1000, (1000, 1000)),
+            (TBinaryProtocolAcceleratedFactory(string_length_limit=100), 1000, (100, 1000)),
+            (TCompactProtocolFactory(container_length_limit=10), 1000, (1000, 10)),
+            ("binary", None, None)]:
+        conn, _ = _open(apache, server.address, protocol=protocol, max_message_size=limit)
+        try:
+            got = (conn.protocol.string_length_limit, conn.protocol.container_length_limit)
+            if want is None:  # no limit of ours: Apache's defaults stay
+                assert got[1] is None
+            else:
+                assert got == want, (protocol, got)
+        finally:
+            conn.close()
+
+
+class FrameServer:
+    """Answers every request with fixed bytes, then waits for the client to hang up."""
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.settimeout(10)
+                conn.recv(65536)
+                conn.sendall(self.reply)
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass
+        self.closed.set()
+
+    def stop(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("size", [2 ** 31 - 1, 20_000])
+def test_a_theader_frame_over_max_message_size_is_refused_before_it_is_read(apache, pools,
+                                                                           size):
+    # A THeader frame header (4 bytes of length, then the 0x0FFF magic) claiming more than
+    # the limit: nothing is read or allocated for it.
+    server = FrameServer(struct.pack("!iHH", size, 0x0FFF, 0) + b"\x00" * 64)
+    try:
+        pool = pools([server.address], min_size=0, protocol="header",
+                     max_message_size=10_000)
+        tracemalloc.start()
+        try:
+            started = time.monotonic()
+            with pytest.raises(apache.TProtocolException) as info:
+                pool.client().echo("x")
+            elapsed = time.monotonic() - started
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert info.value.type == apache.TProtocolException.SIZE_LIMIT
+        assert "max_message_size (10000)" in str(info.value)
+        assert elapsed < 1.0 and peak < 4 * 1024 * 1024
+        assert server.closed.wait(5)  # discarded
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(30)
+def test_max_message_size_limits_theader_replies(apache, farm, pools):
+    (server,) = apache.start(farm, protocol="header")
+    pool = pools([server.address], min_size=0, protocol="header", max_message_size=10_000)
+    assert pool.client().echo("h" * 9_000) == "h" * 9_000
+    with pytest.raises(apache.TProtocolException) as info:
+        pool.client().echo("h" * 12_000)
+    assert info.value.type == apache.TProtocolException.SIZE_LIMIT
+    assert pool.client().echo("after") == "after"
+
+
+# -- timeouts -------------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_method_timeouts_override_socket_timeout(apache, liar, pools):
+    server = liar(trickle_interval=0.05)
+    short = pools([server.address], min_size=0, socket_timeout=0.3,
+                  method_timeouts={"sleep": 3.0})
+    assert short.client().sleep(700) == 700  # beyond socket_timeout: sleep has its own
+    server.lie("trickle")
+    started = time.monotonic()
+    with pytest.raises(apache.TTransportException) as info:
+        short.client().echo("x" * 50)  # echo keeps socket_timeout
+    assert info.value.type == apache.TTransportException.TIMED_OUT
+    assert time.monotonic() - started < 0.8
+    tight = pools([server.address], min_size=0, socket_timeout=5.0,
+                  method_timeouts={"sleep": 0.3})
+    started = time.monotonic()
+    with pytest.raises(apache.TTransportException) as info:
+        tight.client().sleep(2000)
+    assert info.value.type == apache.TTransportException.TIMED_OUT
+    assert "0.3s" in str(info.value)
+    assert time.monotonic() - started < 0.8
+    assert tight.client().echo("unaffected") == "unaffected"
+
+
+@pytest.mark.timeout(30)
+def test_call_timeout_bounds_every_call_in_its_block_then_restores(apache, farm):
+    (server,) = apache.start(farm)
+    conn, client = _open(apache, server.address, socket_timeout=5.0,
+                         method_timeouts={"sleep": 10.0})
+    try:
+        started = time.monotonic()
+        with conn.call_timeout(0.3):
+            with pytest.raises(apache.TTransportException) as info:
+                client.sleep(2000)
+        assert info.value.type == apache.TTransportException.TIMED_OUT
+        assert time.monotonic() - started < 0.8
+        assert conn.timeout == 5.0 and conn.timeouts == {"sleep": 10.0}
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_heartbeat_is_bounded_for_the_whole_call(apache, liar, pools):
+    # The heartbeat's ping is answered one byte every 0.1 s (~25 bytes: 2.5 s); with
+    # connect_timeout 0.5 the watchdog gives up after 0.5 s in all and drops the socket.
+    server = liar(trickle_interval=0.1).lie("trickle")
+    pool = pools([server.address], min_size=1, socket_timeout=5.0, connect_timeout=0.5,
+                 heartbeat="ping", heartbeat_interval=0.1, watchdog_interval=0.05)
+    wait_for(lambda: server.stats()["closes_seen"] >= 1, timeout=10,
+             message="the heartbeat to give up")
+    (lie, told), (what, closed) = server.events[:2]
+    assert (lie, what) == ("trickle", "close")
+    assert 0.4 < closed - told < 1.0, closed - told
+    assert pool.client().echo("after") == "after"
+
+
+@pytest.mark.timeout(30)
+def test_a_one_read_reply_sets_no_timeout_on_the_socket(apache, farm, pools, monkeypatch):
+    from thriftpool.connection import WireBounds
+
+    (server,) = apache.start(farm)
+    pool = pools([server.address], min_size=0, socket_timeout=5.0)
+    arms = []
+    real_arm = WireBounds._arm
+
+    def counting_arm(self, seconds, rcv, snd):
+        arms.append(seconds)
+        return real_arm(self, seconds, rcv, snd)
+
+    with pool.checkout() as client:
+        assert client.echo("warm") == "warm"
+        monkeypatch.setattr(WireBounds, "_arm", counting_arm)
+        for i in range(200):
+            assert client.echo(str(i)) == str(i)
+    # No setsockopt()/settimeout() per call (a re-arm only when a call is slower
+    # than _SLACK between its start and its read: a loaded machine, rarely).
+    assert len(arms) <= 5, arms
+
+
+# -- deadline() -----------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_a_call_with_no_time_left_sends_nothing_and_keeps_its_connection(apache, liar, pools):
+    server = liar()
+    pool = pools([server.address], min_size=0)
+    with pool.checkout() as client:
+        assert client.echo("a") == "a"
+        with thriftpool.deadline(0):
+            with pytest.raises(DeadlineExceeded) as info:
+                client.echo("never sent")
+        assert "the request was not sent" in str(info.value)
+        assert client.echo("b") == "b"  # same connection, still in sync
+    assert server.stats()["requests"] == 2
+    assert server.stats()["accepted"] == 1
+    assert server.stats()["closes_seen"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_call_cut_short_by_the_deadline_raises_deadline_exceeded(apache, liar, pools):
+    server = liar(trickle_interval=0.2).lie("trickle")
+    pool = pools([server.address], min_size=0, socket_timeout=5.0)
+    started = time.monotonic()
+    with thriftpool.deadline(0.4):
+        with pytest.raises(DeadlineExceeded) as info:
+            pool.client().echo("x" * 50)
+    elapsed = time.monotonic() - started
+    assert 0.35 < elapsed < 0.9, elapsed
+    assert isinstance(info.value.__cause__, socket.timeout)
+    assert info.value.timeout == 0.4
+    assert "echo()" in str(info.value)
+    wait_for(lambda: server.stats()["closes_seen"] == 1, timeout=5,
+             message="the connection to be discarded")
+    assert pool.client().echo("next") == "next"
+
+
+@pytest.mark.timeout(30)
+def test_a_call_whose_own_timeout_is_shorter_raises_its_timeout(apache, liar, pools):
+    server = liar(trickle_interval=0.2).lie("trickle")
+    pool = pools([server.address], min_size=0, socket_timeout=0.3)
+    started = time.monotonic()
+    with thriftpool.deadline(5):
+        with pytest.raises(apache.TTransportException) as info:
+            pool.client().echo("x" * 50)
+    assert info.value.type == apache.TTransportException.TIMED_OUT
+    assert time.monotonic() - started < 0.8
+
+
+@pytest.mark.timeout(30)
+def test_the_proxy_never_retries_a_call_the_deadline_cut(apache, liar, pools):
+    first = liar(trickle_interval=0.2).lie("trickle")
+    second = liar()
+    pool = pools([first.address, second.address], min_size=0, socket_timeout=5.0,
+                 idempotent=True, retries=2, balancer="round_robin")
+    with thriftpool.deadline(0.4):
+        with pytest.raises(DeadlineExceeded):
+            pool.client().echo("x" * 50)
+    assert first.stats()["requests"] == 1
+    assert second.stats()["requests"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_calls_in_a_block_share_one_budget(apache, farm, pools):
+    (server,) = apache.start(farm)
+    pool = pools([server.address], min_size=1, socket_timeout=5.0)
+    pool.wait()
+    proxy = pool.client()
+    started = time.monotonic()
+    with thriftpool.deadline(1.0):
+        assert proxy.sleep(400) == 400
+        assert proxy.sleep(400) == 400
+        with pytest.raises(DeadlineExceeded):
+            proxy.sleep(400)
+    elapsed = time.monotonic() - started
+    assert 0.95 < elapsed < 1.5, elapsed
+
+
+# -- connecting -----------------------------------------------------------------------------
+
+@pytest.mark.timeout(30)
+def test_every_address_is_tried_within_connect_timeout(apache, liar, monkeypatch):
+    server = liar()
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))
+    refused_port = refused.getsockname()[1]
+    refused.close()  # nothing listens there now
+    asked = []
+
+    def two(host, port, *args, **kwargs):
+        asked.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p))
+                for p in (refused_port, server.port)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", two)
+    config = thriftpool.PoolConfig.build(service=apache.service, connect_timeout=1.0)
+    conn = Connection.open(Address("multi.example", server.port), config)
+    try:
+        client = config.spec.make_client(conn)
+        assert client.echo("second address") == "second address"
+        assert asked == ["multi.example"]
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_hung_resolver_is_bounded_by_connect_timeout(apache, monkeypatch):
+    release = threading.Event()
+
+    def hung(*args, **kwargs):
+        release.wait(3)
+        raise socket.gaierror("gave up")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hung)
+    config = thriftpool.PoolConfig.build(service=apache.service, connect_timeout=0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(apache.TTransportException) as info:
+            Connection.open(Address("hung.example", 9), config)
+        assert time.monotonic() - started < 0.8
+        assert is_connect_error(info.value)
+        assert "resolving" in str(info.value)
+    finally:
+        release.set()
+        wait_for(lambda: not any(t.name.endswith("-resolver") for t in threading.enumerate()),
+                 timeout=5, message="the resolver helper to finish")
+
+
+@pytest.mark.timeout(30)
+def test_all_addresses_failing_is_one_connect_failure(apache, monkeypatch):
+    dead = []
+    for _ in range(2):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        dead.append(s.getsockname()[1])
+        s.close()
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p)) for p in dead])
+    config = thriftpool.PoolConfig.build(service=apache.service, connect_timeout=1.0)
+    with pytest.raises(apache.TTransportException) as info:
+        Connection.open(Address("gone.example", dead[0]), config)
+    assert is_connect_error(info.value)
+    assert "tried 2 addresses" in str(info.value)
+    assert isinstance(info.value.__cause__.__cause__, ConnectionRefusedError)
+
+
+@pytest.mark.timeout(30)
+def test_an_invalid_host_is_a_connect_failure(apache):
+    config = thriftpool.PoolConfig.build(service=apache.service, connect_timeout=1.0)
+    with pytest.raises(apache.TTransportException) as info:
+        Connection.open(Address("bad\x00host", 9), config)
+    assert is_connect_error(info.value)
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from tlscerts import make_pki
+
+    ca, server, client, rogue, _ = make_pki(str(tmp_path_factory.mktemp("pki")))
+    return {"ca": ca, "server": server, "rogue_client": rogue.issue("rogue_client",
+                                                                    client=True)}
+
+
+def _tls13(pki, cert=None):
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=pki["ca"].files.cert)
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    if cert is not None:
+        ctx.load_cert_chain(cert.cert, cert.key)
+    return ctx
+
+
+@pytest.mark.timeout(60)
+def test_a_tls_session_refused_at_the_first_read_is_a_connect_failure(apache, farm, pki):
+    import ssl
+
+    strict = farm.one(tls=(pki["server"].cert, pki["server"].key),
+                      client_ca=pki["ca"].files.cert)
+    conn, client = _open(apache, strict.address,
+                         ssl_context=_tls13(pki, pki["rogue_client"]))
+    try:
+        with pytest.raises(apache.TTransportException) as info:
+            client.echo("anonymous")
+        error = info.value
+        assert error.type == apache.TTransportException.NOT_OPEN
+        assert "rejected by the server" in str(error)
+        assert conn.sent is False  # not delivered: the proxy may retry elsewhere
+        assert is_connect_error(error) and should_discard(error)
+        assert isinstance(error.__cause__, ssl.SSLError)
+    finally:
+        conn.close()
+    assert strict.stats()["calls"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_proxy_fails_over_from_an_instance_refusing_the_client_certificate(
+        apache, farm, pki, pools):
+    strict = farm.one(tls=(pki["server"].cert, pki["server"].key),
+                      client_ca=pki["ca"].files.cert)
+    lenient = farm.one(tls=(pki["server"].cert, pki["server"].key))
+    pool = pools([strict.address, lenient.address], min_size=0, balancer="round_robin",
+                 retries=2, ssl_context=_tls13(pki, pki["rogue_client"]))
+    proxy = pool.client()
+    assert [proxy.echo(f"m{i}") for i in range(20)] == [f"m{i}" for i in range(20)]
+    assert strict.stats()["calls"] == 0
+    assert lenient.stats()["calls"] == 20
+
+
+# -- the binary message header, read and written in one piece --------------------------------
+
+def _result(value: bytes) -> bytes:
+    return b"\x0b\x00\x00" + struct.pack("!i", len(value)) + value + b"\x00"
+
+
+@pytest.mark.timeout(30)
+def test_a_non_strict_reply_header_is_read(apache, pools):
+    # An old-style header: the name's length first, then the name, type and seqid.
+    server = FrameServer(struct.pack("!i", 4) + b"echo" + b"\x02" + struct.pack("!i", 1)
+                         + _result(b"old style"))
+    try:
+        pool = pools([server.address], min_size=0)
+        with pool.checkout() as client:
+            assert client.echo("x") == "old style"
+        pool.close()  # the connection was kept: closing the pool closes it
+        assert server.closed.wait(5)
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_non_strict_reply_is_refused_with_strict_read(apache, pools):
+    from thrift.protocol.TBinaryProtocol import TBinaryProtocolAcceleratedFactory
+
+    server = FrameServer(struct.pack("!i", 4) + b"echo" + b"\x02" + struct.pack("!i", 1)
+                         + _result(b"old style"))
+    try:
+        factory = TBinaryProtocolAcceleratedFactory(fallback=False)
+        pool = pools([server.address], min_size=0, protocol=factory)
+        with pool.checkout() as client:
+            client._iprot.strictRead = True
+            with pytest.raises(apache.TProtocolException) as info:
+                client.echo("x")
+        assert info.value.type == apache.TProtocolException.BAD_VERSION
+        assert server.closed.wait(5)
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name, seqid", [(b"sleep", 1), (b"ecHo", 1), (b"echo", 7)])
+def test_a_reply_to_another_request_is_a_mismatch(apache, pools, name, seqid):
+    server = FrameServer(struct.pack("!ii", -2147418112 | 2, len(name)) + name
+                         + struct.pack("!i", seqid) + _result(b"not yours"))
+    try:
+        pool = pools([server.address], min_size=0)
+        with pytest.raises(thriftpool.ReplyMismatch):
+            pool.client().echo("x")
+        assert server.closed.wait(5)  # discarded
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(30)
+def test_non_strict_writing_keeps_apaches_own_header_code(apache, farm, pools):
+    from thrift.protocol.TBinaryProtocol import TBinaryProtocolFactory
+
+    (server,) = apache.start(farm)
+    pool = pools([server.address], min_size=0,
+                 protocol=TBinaryProtocolFactory(strictWrite=False))
+    with pool.checkout() as client:
+        assert type(client._oprot).__mro__[1].__name__ == "_NumberedNoEnd"
+        assert client.echo("old") == "old"

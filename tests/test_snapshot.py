@@ -285,3 +285,24 @@ def test_a_deleted_parent_path_is_held_then_confirmed(zk, farm):
     assert len(answers(pool, 6)) == 3  # still served while held
     wait_for(lambda: instances(pool) == [], 5, message="the confirmed removal")
     assert disc.stats()["children"] == 0
+
+
+def test_static_discovery_writes_the_list_it_serves(tmp_path, caplog):
+    path = str(tmp_path / "static.json")
+    disc = thriftpool.StaticDiscovery(["127.0.0.1:9090", "127.0.0.1:9091"],
+                                      snapshot_path=path)
+    got: List[Any] = []
+    disc.start(got.append, "static")
+    assert [str(e) for e in got[0]] == ["127.0.0.1:9090", "127.0.0.1:9091"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    endpoints, age, why = SnapshotFile(path, "static:127.0.0.1:9090,127.0.0.1:9091").read()
+    assert why == "" and [str(e) for e in endpoints] == ["127.0.0.1:9090", "127.0.0.1:9091"]
+    # An unwritable path is a warning, never fatal: the pool still gets its list.
+    bad = thriftpool.StaticDiscovery(["127.0.0.1:9090"],
+                                     snapshot_path=str(tmp_path / "missing" / "x.json"))
+    got.clear()
+    with caplog.at_level(logging.WARNING):
+        bad.start(got.append, "static")
+    assert len(got[0]) == 1 and "cannot write the discovery snapshot" in caplog.text
+    with pytest.raises(ValueError, match="snapshot_path"):
+        thriftpool.StaticDiscovery(["127.0.0.1:9090"], snapshot_path="")

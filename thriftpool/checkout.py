@@ -100,12 +100,10 @@ class Router:
             restart = self._restart()
             if restart is not None:
                 restart()
-        if timeout is None:
-            wait = self.config.checkout_timeout
-        else:
+        if timeout is not None:
             checked = _check_seconds("timeout", timeout, allow_none=False, allow_zero=True)
             assert checked is not None
-            wait = checked
+            timeout = checked
         now = _compat.monotonic()
         self.last_checkout = now
         picked: Optional["InstancePool"] = None
@@ -131,6 +129,7 @@ class Router:
                     self.checkin_discard(picked, conn, "peer_closed" if dead else "expired")
         if state.closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
+        wait = self.config.checkout_timeout if timeout is None else timeout
         if _CURRENT_DEADLINE.get() is None:
             return self._route(picked, exclude, now, wait)
         # Inside thriftpool.deadline(): the whole checkout (waiting, connects, failover)

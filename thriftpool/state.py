@@ -473,10 +473,11 @@ class PoolState:
         now = _compat.monotonic()
         ejection: Optional[Ejection] = None
         with self.lock:
-            if conn not in inst.in_use:
+            try:
+                inst.in_use.remove(conn)
+            except KeyError:
                 # Not ours (any more): checked out before a fork and detached since.
                 return None
-            inst.in_use.discard(conn)
             out_at = conn.out_at
             if out_at:  # handed to a caller (not one discarded before that)
                 conn.out_at = 0.0

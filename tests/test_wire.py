@@ -80,7 +80,10 @@ def test_a_one_read_reply_sets_no_timeout_on_the_socket(farm, make_pool, monkeyp
     monkeypatch.setattr(WireBounds, "_arm", counting_arm)
     for i in range(200):
         assert proxy.echo(str(i)) == str(i)
-    assert arms == []  # no setsockopt()/settimeout() per call: the kernel timeout stays
+    # No setsockopt()/settimeout() per call: the kernel timeout stays.  (A call whose read
+    # starts more than 1 ms after its first byte, on a loaded machine, re-arms once and the
+    # next call once back: a few, never one per call.)
+    assert len(arms) <= 10, len(arms)
 
 
 @pytest.mark.timeout(30)

@@ -74,6 +74,26 @@ from dnsharness import dns_server, pytest_dnsharness_mark_items  # noqa: E402,F4
 
 
 @pytest.fixture
+def world(monkeypatch):
+    """Builds socket-free pools (tests/fakes.py ``FakeWorld``: fake connections, connect
+    and clock, no watchdog thread): ``world(**options)``; closes them at teardown."""
+    from fakes import FakeWorld
+
+    worlds = []
+
+    def make(**options):
+        w = FakeWorld(monkeypatch, **options)
+        worlds.append(w)
+        return w
+
+    try:
+        yield make
+    finally:
+        for w in worlds:
+            w.pool.close()
+
+
+@pytest.fixture
 def fault_proxy():
     """Starts :class:`faultproxy.FaultProxy` threads (``fault_proxy(server.address)``),
     in pass-through mode; stops and joins them all at teardown."""

@@ -10,24 +10,10 @@ import pytest
 import thriftpool
 from thriftpool import _compat
 
-from fakes import FakeWorld, Interrupted
+from fakes import Interrupted
 from servers import wait_for
 
 pytestmark = pytest.mark.timeout(20)
-
-
-@pytest.fixture
-def world(monkeypatch):
-    worlds = []
-
-    def make(**options):
-        w = FakeWorld(monkeypatch, **options)
-        worlds.append(w)
-        return w
-
-    yield make
-    for w in worlds:
-        w.pool.close()
 
 
 def hold(w, n):

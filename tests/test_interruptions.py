@@ -22,20 +22,6 @@ pytestmark = pytest.mark.timeout(20)
 
 
 @pytest.fixture
-def world(monkeypatch):
-    worlds = []
-
-    def make(**options):
-        w = FakeWorld(monkeypatch, **options)
-        worlds.append(w)
-        return w
-
-    yield make
-    for w in worlds:
-        w.pool.close()
-
-
-@pytest.fixture
 def fake_wait(monkeypatch):
     """Replace the blocking wait of a queued checkout: run ``during()`` (another caller's
     step, or a raise) and return at once, advancing the fake clock by what was left if

@@ -94,6 +94,26 @@ def world(monkeypatch):
 
 
 @pytest.fixture
+def liar():
+    """Starts in-process raw-socket servers whose replies lie (tests/liars.py):
+    ``liar(transport="buffered", protocol="binary", **options)``; stopped at teardown."""
+    from liars import LiarServer
+
+    servers = []
+
+    def make(transport: str = "buffered", protocol: str = "binary", **kwargs):
+        s = LiarServer(transport, protocol, **kwargs)
+        servers.append(s)
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@pytest.fixture
 def fault_proxy():
     """Starts :class:`faultproxy.FaultProxy` threads (``fault_proxy(server.address)``),
     in pass-through mode; stops and joins them all at teardown."""

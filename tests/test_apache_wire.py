@@ -16,7 +16,7 @@ import tracemalloc
 import pytest
 
 import thriftpool
-from liars import FRAMED_LIES, LIES, LiarServer
+from liars import FRAMED_LIES, LIES
 from servers import wait_for
 from thriftpool import DeadlineExceeded
 from thriftpool.address import Address, parse_address
@@ -28,19 +28,6 @@ COMBOS = [("buffered", "binary"), ("buffered", "compact"), ("framed", "binary"),
           ("framed", "compact")]
 SOCKET_TIMEOUT = 1.0
 
-
-@pytest.fixture
-def liar():
-    servers = []
-
-    def make(transport: str = "buffered", protocol: str = "binary", **kwargs) -> LiarServer:
-        s = LiarServer(transport, protocol, **kwargs)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.stop()
 
 
 @pytest.fixture

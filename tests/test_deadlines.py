@@ -10,24 +10,10 @@ import time
 import pytest
 
 import thriftpool
-from liars import LiarServer
 from servers import echo_thrift, wait_for
 from thriftpool import deadlines
 from thriftpool.errors import DeadlineExceeded, ThriftPoolError
 
-
-@pytest.fixture
-def liar():
-    servers = []
-
-    def make(transport: str = "buffered", protocol: str = "binary", **kwargs) -> LiarServer:
-        s = LiarServer(transport, protocol, **kwargs)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.stop()
 
 
 # -- the context variable ------------------------------------------------------------------

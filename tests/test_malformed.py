@@ -15,7 +15,7 @@ from thriftpy2.protocol.exc import TProtocolException
 from thriftpy2.transport import TTransportException
 
 import thriftpool
-from liars import FRAMED_LIES, LIES, LiarServer
+from liars import FRAMED_LIES, LIES
 from servers import wait_for
 from thriftpool.connection import DEPTH_LIMIT, should_discard
 
@@ -67,19 +67,6 @@ def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-
-@pytest.fixture
-def liar(request):
-    servers = []
-
-    def make(transport: str, protocol: str, **kwargs) -> LiarServer:
-        s = LiarServer(transport, protocol, **kwargs)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.stop()
 
 
 @pytest.mark.timeout(30)

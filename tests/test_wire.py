@@ -16,7 +16,6 @@ import pytest
 from thriftpy2.transport import TTransportException
 
 import thriftpool
-from liars import LiarServer
 from servers import echo_thrift, wait_for
 from thriftpool.address import Address, parse_address
 from thriftpool.connection import (
@@ -28,19 +27,6 @@ from thriftpool.connection import (
     resolve,
 )
 
-
-@pytest.fixture
-def liar():
-    servers = []
-
-    def make(transport: str = "buffered", protocol: str = "binary", **kwargs) -> LiarServer:
-        s = LiarServer(transport, protocol, **kwargs)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.stop()
 
 
 def _echo_request(message: str, seqid: int = 1) -> bytes:

@@ -276,7 +276,9 @@ class _Numbered:
     _expect_name = ""
 
     def readMessageBegin(self) -> Tuple[str, int, int]:
-        fname, mtype, rseqid = super().readMessageBegin()  # type: ignore[misc]
+        return self._checked(*super().readMessageBegin())  # type: ignore[misc]
+
+    def _checked(self, fname: str, mtype: int, rseqid: int) -> Tuple[str, int, int]:
         conn = self._conn
         if rseqid != conn.seqid or fname != self._expect_name:
             raise ReplyMismatch(
@@ -355,19 +357,6 @@ class _StrictBinary(_NumberedNoEnd):
                 f"reply {got!r}... does not answer request {name!r} seqid "
                 f"{self._conn.seqid} on {self._conn}; the connection was dropped")
         return self._checked(name, sz & 0xFF, _I32.unpack_from(rest, n + 4)[0])
-
-    def _checked(self, fname: str, mtype: int, rseqid: int) -> Tuple[str, int, int]:
-        conn = self._conn
-        if rseqid != conn.seqid or fname != self._expect_name:
-            raise ReplyMismatch(
-                f"reply {fname!r} seqid {rseqid} does not answer request "
-                f"{self._expect_name!r} seqid {conn.seqid} on {conn}; the "
-                "connection was dropped")
-        if mtype != _REPLY and mtype != _EXCEPTION:
-            raise TProtocolException(
-                TProtocolException.INVALID_DATA,
-                f"reply to {fname!r} has message type {mtype}, neither REPLY nor EXCEPTION")
-        return fname, mtype, rseqid
 
 
 _NUMBERED: Dict[Tuple[type, type], type] = {}

@@ -125,7 +125,12 @@ def _wire_client(pkg: Any, Echo: Any) -> Tuple[Any, Any, Any]:
     protocol = TBinaryProtocolFactory().get_protocol(transport)
     conn = connection.Connection(pkg.Address("bench", 1), tsock, transport, protocol,
                                  0.0, float("inf"), *extra)
-    return b, conn, connection.client_class(Echo)(Echo, conn)
+    cls = connection.client_class(Echo)
+    try:
+        client = cls(conn)
+    except TypeError:  # before 2026-12-01: PooledClient(service, conn)
+        client = cls(Echo, conn)
+    return b, conn, client
 
 
 def wire_child(other: Optional[str], calls: int, reps: int, port: int = 0

@@ -53,7 +53,7 @@ def test_a_rejected_client_certificate_is_a_connect_failure(farm, pki, version, 
             # TLS 1.3: the client's handshake is done before the server has checked the
             # certificate; the refusal arrives with the first read (or write).
             assert version == ssl.TLSVersion.TLSv1_3
-            client = client_class(echo_thrift.Echo)(echo_thrift.Echo, conn)
+            client = client_class(echo_thrift.Echo)(conn)
             with pytest.raises(TTransportException) as info:
                 client.echo("anonymous")
             error = info.value

@@ -122,7 +122,7 @@ def test_call_timeout_bounds_every_call_in_its_block_then_restores(farm):
                                          method_timeouts={"sleep": 10.0})
     conn = Connection.open(parse_address(server.address), config)
     try:
-        client = client_class(echo_thrift.Echo)(echo_thrift.Echo, conn)
+        client = client_class(echo_thrift.Echo)(conn)
         started = time.monotonic()
         with conn.call_timeout(0.3):
             with pytest.raises(socket.timeout):
@@ -401,7 +401,7 @@ def test_every_address_is_tried_in_order(liar, monkeypatch, connect_log):
     conn = Connection.open(Address("multi.example", server.port), config)
     try:
         elapsed = time.monotonic() - started
-        client = client_class(echo_thrift.Echo)(echo_thrift.Echo, conn)
+        client = client_class(echo_thrift.Echo)(conn)
         assert client.echo("third time") == "third time"
         attempts = connect_log.attempts
         assert [a.port for a in attempts] == ports

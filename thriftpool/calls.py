@@ -76,11 +76,7 @@ def call_client_factory(spec: "ServiceSpec", events: "Emitter"
             if api in getattr(base, "_calls", {}) and api not in ("set_header", "get_headers",
                                                                  "clear_headers"):
                 namespace[api] = _proxy_method(api)
-    cls = type(f"Reported{base.__name__}", (base,), namespace)
-    if spec.stack == "apache":
-        return cls  # ApacheClientMixin.__init__(conn)
-    service = spec.service
-    return lambda conn: cls(service, conn)
+    return type(f"Reported{base.__name__}", (base,), namespace)  # cls(conn) makes one
 
 
 def _send_headers(conn: "Connection", headers: Dict[str, str]) -> None:

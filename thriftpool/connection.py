@@ -37,8 +37,6 @@ from .deadlines import _CURRENT
 from .errors import ClientReleased, DeadlineExceeded, ReplyMismatch, ThriftPoolError
 
 if TYPE_CHECKING:
-    from types import ModuleType
-
     from .config import PoolConfig
 
 __all__ = [
@@ -71,8 +69,8 @@ def _ms(seconds: Optional[float]) -> Optional[float]:
     return None if seconds is None else seconds * 1000.0
 
 
-#: Per service: ``{method: (args spec, args class, result class, oneway)}``.
-_Api = Tuple[Any, Any, Any, bool]
+#: Per service: ``{method: (args class, result class, oneway, required (position, name)s)}``.
+_Api = Tuple[Any, Any, bool, Tuple[Tuple[int, str], ...]]
 _CLIENT_CLASSES: Dict[int, Type["PooledClient"]] = {}
 
 
@@ -131,7 +129,7 @@ def should_discard(exc: BaseException) -> bool:
     the pool, counts against the instance like a transport error).
 
     Transport and protocol errors (a malformed reply raises ``TProtocolException``, see
-    :meth:`PooledClient._recv`), socket errors and timeouts (``socket.timeout``), a
+    :meth:`PooledClient._read_reply`), socket errors and timeouts (``socket.timeout``), a
     :class:`~thriftpool.DeadlineExceeded` in the middle of a call, and reply mismatches
     leave the stream in an unknown state.  An IDL-declared exception or a
     ``TApplicationException`` means the server answered in full, so the socket is fine.
@@ -233,12 +231,10 @@ class PooledClient(TClient):
 
     _apis: Dict[str, _Api] = {}  # filled by client_class()
     _for_service: Any = None
+    _service: Any = None  # the service of a client_class() subclass
 
-    def __init__(self, service: ModuleType, conn: "Connection") -> None:
-        protocol = conn.protocol
-        self._service = service
-        self._iprot = self._oprot = protocol
-        self._seqid = 0
+    def __init__(self, conn: "Connection") -> None:
+        # One attribute per checkout: the protocol and the sequence id live on ``conn``.
         self._conn: Optional[Connection] = conn
 
     # Each IDL method goes through _req, which refuses to run once the checkout has ended.
@@ -249,17 +245,31 @@ class PooledClient(TClient):
             raise ClientReleased(
                 f"{_api}() called after its checkout ended; its connection may belong "
                 "to another caller now")
-        service = self._service
         api = self._apis.get(_api)
         if api is None:
-            api = _api_entry(service, _api)
-        spec, args_cls, _, oneway = api
-        try:
-            kwargs = args_to_kwargs(spec, *args, **kwargs)
-        except ValueError as e:
-            raise TApplicationException(
-                TApplicationException.UNKNOWN_METHOD,
-                f"{e.args[0]} is required argument for {service.__name__}.{_api}") from None
+            api = _api_entry(self._service, _api)
+        args_cls, result_cls, oneway, required = api
+        # The request: the args struct's own __init__ takes the arguments in IDL order
+        # (one call instead of thriftpy2's args_to_kwargs loop and a setattr each).  A
+        # positional None ("the default") and names the struct does not have take the raw
+        # client's way.
+        request = None
+        for value in args:
+            if value is None:
+                break
+        else:
+            try:
+                request = args_cls(*args, **kwargs)
+            except TypeError:
+                pass
+        if request is None:
+            request = self._args_slow(_api, args_cls, args, kwargs)
+        if required:
+            for index, name in required:  # given positionally, or by name
+                if index >= len(args) and name not in kwargs:
+                    raise TApplicationException(
+                        TApplicationException.UNKNOWN_METHOD,
+                        f"{name} is required argument for {self._service.__name__}.{_api}")
         # The call's timeout: its method's, or the connection's, and no more than the
         # time left in a thriftpool.deadline() block (one ContextVar read without one).
         timeouts = conn.timeouts
@@ -276,27 +286,24 @@ class PooledClient(TClient):
         seqid = conn.seqid + 1
         if seqid > _MAX_SEQID:
             seqid = 1
-        conn.seqid = self._seqid = seqid
+        conn.seqid = seqid
         # From the first byte written until the reply is read in full the stream is in
         # an unknown state: whatever interrupts the call, the socket must not be reused.
         conn.in_call = True
         conn.sent = False
         conn.socket.begin(timeout)
         try:
-            oprot = self._oprot
-            oprot.write_message_begin(
+            prot = conn.protocol
+            prot.write_message_begin(
                 _api, TMessageType.ONEWAY if oneway else TMessageType.CALL, seqid)
-            request = args_cls()
-            for k, v in kwargs.items():
-                setattr(request, k, v)
-            request.write(oprot)
-            oprot.write_message_end()
-            oprot.trans.flush()
+            request.write(prot)
+            prot.write_message_end()
+            prot.trans.flush()
             conn.sent = True
             if oneway:
                 conn.in_call = False
                 return None
-            return self._recv(_api)
+            return self._read_reply(_api, conn, seqid, result_cls)
         except socket.timeout as exc:
             conn.failed_calls += 1  # the error paths only: free for calls that succeed
             if binding is not None and not isinstance(exc, DeadlineExceeded):
@@ -311,44 +318,58 @@ class PooledClient(TClient):
         except BaseException:
             conn.failed_calls += 1
             raise
-            raise
 
-    def _recv(self, _api: str) -> Any:
-        """Read and decode the reply to ``_api``.
+    def _args_slow(self, _api: str, args_cls: Any, args: Tuple[Any, ...],
+                   kwargs: Dict[str, Any]) -> Any:
+        """The request as thriftpy2's own client builds it (positional ``None`` skipped,
+        unknown names set as attributes and never sent)."""
+        try:
+            kwargs = args_to_kwargs(args_cls.thrift_spec, *args, **kwargs)
+        except ValueError as e:
+            raise TApplicationException(
+                TApplicationException.UNKNOWN_METHOD,
+                f"{e.args[0]} is required argument for {self._service.__name__}.{_api}"
+            ) from None
+        request = args_cls()
+        for k, v in kwargs.items():
+            setattr(request, k, v)
+        return request
+
+    def _read_reply(self, _api: str, conn: "Connection", seqid: int, result_cls: Any) -> Any:
+        """Read and decode the reply to ``_api`` (request ``seqid`` on ``conn``).
 
         A reply that cannot be decoded raises ``TProtocolException`` with the decoder's
         error as ``__cause__``, and one cut off raises ``TTransportException``; either
         way the connection is discarded (:func:`should_discard`).
         """
-        iprot = self._iprot
+        iprot = conn.protocol
         try:
             fname, mtype, rseqid = iprot.read_message_begin()
-            if rseqid != self._seqid or fname != _api:
+            if rseqid != seqid or fname != _api:
                 raise ReplyMismatch(
                     f"reply {fname!r} seqid {rseqid} does not answer request {_api!r} "
-                    f"seqid {self._seqid} on {self._conn}; the connection was dropped")
+                    f"seqid {seqid} on {conn}; the connection was dropped")
             if mtype == TMessageType.REPLY:
-                api = self._apis.get(_api) or _api_entry(self._service, _api)
-                result = api[2]()
+                result = result_cls()
                 result.read(iprot)
                 iprot.read_message_end()
             elif mtype == TMessageType.EXCEPTION:
                 x = TApplicationException()
                 x.read(iprot)
                 iprot.read_message_end()
-                self._mark_complete()
+                conn.in_call = False
                 raise x
             else:
                 raise _protocol_error(
                     TProtocolException.INVALID_DATA,
-                    f"the reply to {_api}() from {self._conn and self._conn.address} has "
+                    f"the reply to {_api}() from {conn.address} has "
                     f"message type {mtype}, neither REPLY nor EXCEPTION")
         except (TTransportException, TProtocolException, TApplicationException, OSError,
                 ThriftPoolError):
             raise
         except Exception as exc:
-            raise _decode_error(exc, _api, self._conn) from exc
-        self._mark_complete()
+            raise _decode_error(exc, _api, conn) from exc
+        conn.in_call = False
 
         success = getattr(result, "success", None)
         if success is not None:
@@ -372,17 +393,17 @@ class PooledClient(TClient):
         seqid = conn.seqid + 1
         if seqid > _MAX_SEQID:
             seqid = 1
-        conn.seqid = self._seqid = seqid
+        conn.seqid = seqid
         conn.in_call = True
         conn.sent = False
         conn.socket.begin(timeout)
-        oprot = self._oprot
-        oprot.write_message_begin(TRIAL_METHOD, TMessageType.CALL, seqid)
-        _TrialArgs().write(oprot)
-        oprot.write_message_end()
-        oprot.trans.flush()
+        prot = conn.protocol
+        prot.write_message_begin(TRIAL_METHOD, TMessageType.CALL, seqid)
+        _TrialArgs().write(prot)
+        prot.write_message_end()
+        prot.trans.flush()
         conn.sent = True
-        iprot = self._iprot
+        iprot = prot
         fname, mtype, rseqid = iprot.read_message_begin()
         if rseqid != seqid or fname != TRIAL_METHOD or mtype != TMessageType.EXCEPTION:
             raise ReplyMismatch(f"trial call on {conn}: reply {fname!r} seqid {rseqid} "
@@ -392,17 +413,13 @@ class PooledClient(TClient):
         iprot.read_message_end()
         conn.in_call = False
 
-    def _mark_complete(self) -> None:
-        conn = self._conn
-        if conn is not None:
-            conn.in_call = False
-
     def close(self) -> None:
         """Does nothing: the pool owns the socket.  Use ``tclose()`` for an IDL ``close``."""
 
     def __repr__(self) -> str:
         state = "released" if self._conn is None else str(self._conn.address)
-        return f"<PooledClient {self._service.__name__} {state}>"
+        name = getattr(self._service, "__name__", "?")
+        return f"<PooledClient {name} {state}>"
 
 
 #: The method name of a trial call (see :meth:`PooledClient._trial`): no IDL has it.
@@ -420,7 +437,9 @@ def _api_entry(service: Any, api: str) -> _Api:
     """The spec and classes of one IDL method (the slow path, for a bare PooledClient)."""
     args_cls = getattr(service, api + "_args")
     result_cls = getattr(service, api + "_result")
-    return args_cls.thrift_spec, args_cls, result_cls, bool(getattr(result_cls, "oneway", False))
+    spec = getattr(args_cls, "thrift_spec", None) or {}
+    required = tuple((index, item[1]) for index, item in enumerate(spec.values()) if item[-1])
+    return args_cls, result_cls, bool(getattr(result_cls, "oneway", False)), required
 
 
 def _method(api: str) -> Callable[..., Any]:
@@ -445,7 +464,7 @@ def client_class(service: Any) -> Type[PooledClient]:
             api: _method(api) for api in service.thrift_services
             if not hasattr(PooledClient, api)}
         namespace["_apis"] = {api: _api_entry(service, api) for api in service.thrift_services}
-        namespace["_for_service"] = service
+        namespace["_for_service"] = namespace["_service"] = service
         cls = type(f"{service.__name__}PooledClient", (PooledClient,), namespace)
         _CLIENT_CLASSES[id(service)] = cls
     return cls

@@ -83,6 +83,8 @@ class ThriftpySpec(ServiceSpec):
             m for m in self.methods
             if getattr(getattr(service, m + "_result", None), "oneway", False))
         self.client_class = client_class(service)
+        # The class itself makes the clients: one Python call less per checkout.
+        self.make_client = self.client_class  # type: ignore[method-assign]
         self._args: Dict[str, Tuple[str, ...]] = {}
         for m in self.methods:
             spec = getattr(getattr(service, m + "_args"), "thrift_spec", None) or {}
@@ -92,7 +94,7 @@ class ThriftpySpec(ServiceSpec):
         return self._args[method]
 
     def make_client(self, conn: "Connection") -> Any:
-        return self.client_class(self.service, conn)
+        return self.client_class(conn)
 
     def transport_factory(self, value: Any) -> Any:
         from .config import TRANSPORTS, _factory

@@ -20,6 +20,7 @@ from servers import echo_thrift, wait_for
 from thriftpool.address import Address, parse_address
 from thriftpool.connection import (
     BoundedSocket,
+    BoundedTSocket,
     Connection,
     WireBounds,
     client_class,
@@ -432,3 +433,98 @@ def test_all_addresses_failing_is_one_connect_failure(monkeypatch):
     assert is_connect_error(info.value)
     assert "tried 2 addresses" in str(info.value)
     assert isinstance(info.value.__cause__, ConnectionRefusedError)
+
+
+_ARGS_IDL = """
+service Calc {
+    i32 add(1: required i32 a, 2: i32 b = 5),
+    string greet(1: string name = "world", 2: i32 times = 1),
+}
+"""
+
+
+def _sent_args(calc, make, call):
+    """Make ``call(client)`` with a client from ``make(sock)`` over a socketpair whose far
+    end already holds a reply; return the args struct that went over the wire, decoded
+    by thriftpy2 (or the exception the call raised before sending anything)."""
+    from thriftpy2.protocol import TBinaryProtocol
+    from thriftpy2.thrift import TMessageType
+    from thriftpy2.transport import TMemoryBuffer
+
+    a, b = socket.socketpair()
+    try:
+        client, seqid = make(a)
+        name = call.__name__
+        out = TMemoryBuffer()
+        prot = TBinaryProtocol(out)
+        prot.write_message_begin(name, TMessageType.REPLY, seqid)
+        result = getattr(calc, name + "_result")(success=1 if name == "add" else "hi")
+        result.write(prot)
+        prot.write_message_end()
+        b.sendall(out.getvalue())
+        try:
+            call(client)
+        except Exception as exc:  # noqa: BLE001 - compared between the two clients
+            return type(exc), str(exc)
+        b.settimeout(2)
+        request = TBinaryProtocol(TMemoryBuffer(b.recv(65536)))
+        assert request.read_message_begin()[0] == name
+        args = getattr(calc, name + "_args")()
+        args.read(request)
+        return args
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.timeout(30)
+def test_requests_are_encoded_exactly_as_thriftpy2s_own_client_encodes_them(tmp_path):
+    # The pooled client builds a request with the args struct's own __init__ (one call);
+    # every way of passing arguments must put the same fields on the wire as thriftpy2's
+    # TClient: defaults, positional None (= the default), keywords, an unknown keyword
+    # (ignored by thriftpy2), a missing required argument (refused before sending).
+    import thriftpy2
+    from thriftpy2.protocol import TBinaryProtocolFactory
+    from thriftpy2.thrift import TClient
+    from thriftpy2.transport import TBufferedTransportFactory, TSocket
+
+    idl = tmp_path / "calc.thrift"
+    idl.write_text(_ARGS_IDL)
+    calc = thriftpy2.load(str(idl), module_name="calc_thrift").Calc
+    config = thriftpool.PoolConfig.build(service=calc, socket_timeout=5.0)
+
+    def pooled(sock):
+        tsock = BoundedTSocket("127.0.0.1", 1, config)
+        tsock.sock = sock
+        tsock.bound(5.0, config.max_message_size, peer="test")
+        transport = TBufferedTransportFactory().get_transport(tsock)
+        protocol = TBinaryProtocolFactory().get_protocol(transport)
+        conn = Connection(Address("test", 1), tsock, transport, protocol, 0.0,
+                          float("inf"), 5.0, None)
+        return client_class(calc)(conn), 1
+
+    def raw(sock):
+        transport = TBufferedTransportFactory().get_transport(TSocket(sock=sock))
+        return TClient(calc, TBinaryProtocolFactory().get_protocol(transport)), 0
+
+    calls = [
+        lambda c: c.add(1, 2), lambda c: c.add(1), lambda c: c.add(1, None),
+        lambda c: c.add(a=1, b=2), lambda c: c.add(1, b=3), lambda c: c.add(b=3),
+        lambda c: c.add(None, 3), lambda c: c.add(1, c=9), lambda c: c.add(a=None),
+        lambda c: c.greet(), lambda c: c.greet("x"), lambda c: c.greet(None, 3),
+        lambda c: c.greet(times=2), lambda c: c.greet(name=None),
+    ]
+    for index, body in enumerate(calls):
+        name = "add" if index < 9 else "greet"
+
+        def call(client, body=body):
+            return body(client)
+
+        call.__name__ = name
+        ours, theirs = _sent_args(calc, pooled, call), _sent_args(calc, raw, call)
+        if isinstance(theirs, tuple):  # refused before sending: the same error
+            assert ours == theirs, index
+            assert theirs[0] is thriftpy2.thrift.TApplicationException
+        else:
+            assert not isinstance(ours, tuple), (index, ours)
+            assert ours.__dict__ == theirs.__dict__, (index, ours, theirs)

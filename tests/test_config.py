@@ -211,6 +211,21 @@ def test_defaults_alone_make_a_working_pool(farm):
 
 
 @pytest.mark.timeout(20)
+@pytest.mark.parametrize("timeout", [-1, float("nan"), "1", True])
+def test_a_bad_checkout_timeout_is_refused_even_with_an_idle_connection(farm, timeout):
+    # An idle connection is ready, so the checkout would take the fast path: the
+    # timeout is still checked, at the call.
+    server = farm.one()
+    with thriftpool.ThriftPool(echo_thrift.Echo, [server.address], min_size=1) as pool:
+        pool.wait()
+        with pytest.raises(ValueError, match="timeout"):
+            pool.checkout(timeout=timeout)
+        with pool.checkout(timeout=0) as client:  # zero: no waiting, still valid
+            assert client.echo("ok") == "ok"
+        assert pool.stats()["in_use"] == 0
+
+
+@pytest.mark.timeout(20)
 def test_factories_are_accepted_as_transport_and_protocol(farm):
     from thriftpy2.protocol import TBinaryProtocolFactory
     from thriftpy2.transport import TBufferedTransportFactory

@@ -30,7 +30,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Callable, Deque, List, Optional, Set, Tuple, Type
 
 from . import _compat
-from .config import _check_seconds
 from .connection import APPLICATION_ERRORS, Connection, is_connect_error, should_discard
 from .deadlines import _CURRENT as _CURRENT_DEADLINE
 from .deadlines import clamp
@@ -87,9 +86,12 @@ class Router:
 
     # -- checkout ----------------------------------------------------------------------
 
-    def checkout(self, timeout: Optional[float], exclude: Optional[Set["InstancePool"]] = None
+    def checkout(self, timeout: Optional[float], exclude: Optional[Set["InstancePool"]] = None,
+                 picked: Optional["InstancePool"] = None, now: Optional[float] = None
                  ) -> Tuple["InstancePool", Connection]:
-        """Get a connection, within ``timeout`` seconds (default ``checkout_timeout``).
+        """Get a connection, within ``timeout`` seconds (default ``checkout_timeout``): the
+        routing loop, after :meth:`Checkout.__enter__`'s fast path found none (``picked``:
+        the balancer's pick it tried, so the balancer sees one pick per checkout).
 
         :raises PoolExhausted: every healthy instance stayed full until the deadline.
         :raises NoAvailableInstance: no instance is known, or none could be connected to.
@@ -100,33 +102,10 @@ class Router:
             restart = self._restart()
             if restart is not None:
                 restart()
-        if timeout is not None:
-            checked = _check_seconds("timeout", timeout, allow_none=False, allow_zero=True)
-            assert checked is not None
-            timeout = checked
-        now = _compat.monotonic()
-        self.last_checkout = now
-        picked: Optional["InstancePool"] = None
-        if not exclude:
-            # Fast path, most checkouts.  Otherwise the loop starts from the same pick,
-            # so the balancer sees one pick per checkout either way.
-            picked = self.balancer.pick(state.ring)
-            if picked is not None:
-                conn = state.take_idle(picked)
-                if conn is not None:
-                    # (_usable, inlined: this is the hot path.)
-                    try:
-                        dead = conn.peer_closed()
-                    except BaseException:
-                        self.checkin_discard(picked, conn, "interrupted")
-                        raise
-                    if not dead and now < conn.expires_at:
-                        if self.report_checkouts:
-                            self._checked_out(picked, conn, now, now)
-                        else:
-                            conn.out_at = now  # the caller's now (counted at checkin)
-                        return picked, conn
-                    self.checkin_discard(picked, conn, "peer_closed" if dead else "expired")
+            picked = None  # a pick from before the restart
+        if now is None:
+            now = _compat.monotonic()
+            self.last_checkout = now
         if state.closed:
             raise PoolClosed(f"pool {self.name!r} is closed")
         wait = self.config.checkout_timeout if timeout is None else timeout
@@ -402,7 +381,36 @@ class Checkout:
         if self._inst is not None:
             raise RuntimeError("a checkout can be entered only once")
         router = self._router
-        inst, conn = router.checkout(self._timeout, self._exclude)
+        now = _compat.monotonic()
+        router.last_checkout = now
+        picked = conn = None
+        if (self._exclude is None and not router.stale
+                and threading.Lock is router.lock_type):
+            # Fast path, most checkouts: the balancer's pick has an idle connection, and
+            # a non-blocking liveness check passes.
+            state = router.state
+            picked = router.balancer.pick(state.ring)
+            if picked is not None:
+                conn = state.take_idle(picked)
+                if conn is not None:
+                    # (Router._usable, inlined: this is the hot path.)
+                    try:
+                        dead = conn.peer_closed()
+                    except BaseException:
+                        router.checkin_discard(picked, conn, "interrupted")
+                        raise
+                    if dead or now >= conn.expires_at:
+                        router.checkin_discard(picked, conn,
+                                               "peer_closed" if dead else "expired")
+                        conn = None
+                    elif router.report_checkouts:
+                        router._checked_out(picked, conn, now, now)
+                    else:
+                        conn.out_at = now  # the caller's now (counted at checkin)
+        if conn is None or picked is None:
+            inst, conn = router.checkout(self._timeout, self._exclude, picked, now)
+        else:
+            inst = picked
         self._inst = inst
         self._conn = conn
         self._seqid = conn.seqid
@@ -429,9 +437,13 @@ class Checkout:
             calls += 2 ** 31 - 1
         if exc is None and not conn.in_call:
             # The common exit: no error, nothing in flight.
-            result = router.state.checkin(self._inst, conn, True,  # type: ignore[arg-type]
-                                          calls != 0, None, "error", calls,
-                                          conn.failed_calls - self._failed)
+            state = router.state
+            call_errors = conn.failed_calls - self._failed
+            if state.checkin_clean(self._inst, conn, calls,  # type: ignore[arg-type]
+                                   call_errors):
+                return
+            result = state.checkin(self._inst, conn, True,  # type: ignore[arg-type]
+                                   calls != 0, None, "error", calls, call_errors)
         else:
             # in_call: an exception (any, even KeyboardInterrupt) cut a call short, so the
             # stream holds half a request or an unread reply.  With no call in flight the

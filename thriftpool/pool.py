@@ -351,6 +351,8 @@ class ThriftPool:
             or no instance could be connected to in time.
         :raises PoolClosed: the pool is closed.
         """
+        if timeout is not None:
+            timeout = _check_seconds("timeout", timeout, allow_none=False, allow_zero=True)
         return Checkout(self._router, timeout)
 
     def client(self) -> Any:

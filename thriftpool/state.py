@@ -456,6 +456,39 @@ class PoolState:
 
     # -- checkin -----------------------------------------------------------------------
 
+    def checkin_clean(self, inst: InstancePool, conn: "Connection", calls: int,
+                      call_errors: int) -> bool:
+        """The common checkin, after a block that raised nothing and left no call in
+        flight: back on top of the idle stack (or to a waiter), the stats counted.
+
+        :returns: ``False``, having changed nothing, when :meth:`checkin` must decide
+            (the connection expired, was drained or resized away, its instance retired,
+            the pool closed, or a success would end the instance's failure streak).
+        """
+        now = _compat.monotonic()
+        with self.lock:
+            health = inst.health
+            if (self.closed or self.oversize or inst.retired or now >= conn.expires_at
+                    or conn.gen < self.generation
+                    or (calls and (health.errors or health.backoff.failures))):
+                return False
+            try:
+                inst.in_use.remove(conn)
+            except KeyError:
+                return True  # not ours (any more): checked out before a fork
+            counters = self.counters
+            counters.checkouts += 1
+            counters.in_use_s += now - conn.out_at
+            conn.out_at = 0.0
+            if calls:
+                counters.calls += calls
+                counters.call_errors += call_errors
+            conn.idle_since = now
+            inst.idle.append(conn)
+            if self.waiters and inst.healthy:
+                self._assign_locked(inst)
+        return True
+
     def checkin(self, inst: InstancePool, conn: "Connection", reuse: bool, used: bool = True,
                 failure: Optional[BaseException] = None, reason: str = "error",
                 calls: int = 0, call_errors: int = 0

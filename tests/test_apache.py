@@ -121,6 +121,58 @@ def test_apaches_own_client_returns_the_stale_reply_and_ours_does_not(apache, fa
     assert pool.client().sleep(1) == 1
 
 
+def _outcome(call):
+    try:
+        return ("ok", call())
+    except Exception as exc:  # noqa: BLE001 - compared between the two clients
+        return (type(exc).__name__, str(exc))
+
+
+@pytest.mark.timeout(30)
+def test_the_pooled_client_answers_every_call_as_the_generated_client_does(
+        apache, farm, pools, monkeypatch):
+    # The pooled client makes a call itself (the generated send_/recv_ pair, inlined):
+    # every way of calling must end as the generated client's call ends.
+    from thrift.protocol.TBinaryProtocol import TBinaryProtocolAccelerated
+    from thrift.transport.TSocket import TSocket
+    from thrift.transport.TTransport import TBufferedTransport
+
+    (server,) = apache.start(farm)
+    raw_socket = TSocket("127.0.0.1", server.port)
+    raw_socket.setTimeout(5000)
+    transport = TBufferedTransport(raw_socket)
+    raw = apache.module.Client(TBinaryProtocolAccelerated(transport))
+    transport.open()
+    pool = pools(apache.service, [server.address], min_size=0, max_size=1)
+    calls = [
+        lambda c: c.echo("x"), lambda c: c.echo(message="y"), lambda c: c.echo(None),
+        lambda c: c.echo(), lambda c: c.echo("a", "b"), lambda c: c.echo(msg="z"),
+        lambda c: c.ping(), lambda c: c.sleep(1), lambda c: c.fail("declared"),
+        lambda c: c.fail("undeclared"), lambda c: c.notify("n"), lambda c: c.whoami(),
+    ]
+    try:
+        for index, body in enumerate(calls):
+            theirs = _outcome(lambda: body(raw))
+            with pool.checkout() as client:
+                ours = _outcome(lambda: body(client))
+                assert client.echo("after") == "after", index  # the stream is intact
+            assert ours == theirs, index
+        # The generated send_/recv_ are not on the path of a well-formed call ...
+        def refuse(self, *args):
+            raise AssertionError("generated send_echo called")
+
+        monkeypatch.setattr(apache.module.Client, "send_echo", refuse)
+        with pool.checkout() as client:
+            assert client.echo("direct") == "direct"
+            # ... and the generated method still takes what the inlined path does not.
+            with pytest.raises(TypeError, match="missing 1 required positional"):
+                client.echo()
+            assert client.echo("still") == "still"
+        assert pool.stats()["in_use"] == 0
+    finally:
+        transport.close()
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("transport, protocol", [("buffered", "binary"),
                                                  ("framed", "compact")])

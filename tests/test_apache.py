@@ -121,9 +121,9 @@ def test_apaches_own_client_returns_the_stale_reply_and_ours_does_not(apache, fa
     assert pool.client().sleep(1) == 1
 
 
-def _outcome(call):
+def _outcome(body, client):
     try:
-        return ("ok", call())
+        return ("ok", body(client))
     except Exception as exc:  # noqa: BLE001 - compared between the two clients
         return (type(exc).__name__, str(exc))
 
@@ -152,9 +152,9 @@ def test_the_pooled_client_answers_every_call_as_the_generated_client_does(
     ]
     try:
         for index, body in enumerate(calls):
-            theirs = _outcome(lambda: body(raw))
+            theirs = _outcome(body, raw)
             with pool.checkout() as client:
-                ours = _outcome(lambda: body(client))
+                ours = _outcome(body, client)
                 assert client.echo("after") == "after", index  # the stream is intact
             assert ours == theirs, index
         # The generated send_/recv_ are not on the path of a well-formed call ...
@@ -171,6 +171,50 @@ def test_the_pooled_client_answers_every_call_as_the_generated_client_does(
         assert pool.stats()["in_use"] == 0
     finally:
         transport.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("transport", ["buffered", "framed"])
+def test_a_call_is_one_write_of_the_bytes_apaches_protocol_writes(apache, farm, pools,
+                                                                   monkeypatch, transport):
+    # With the C-accelerated binary protocol, the pooled call encodes its request in one
+    # piece and sends it in one write: the same bytes as Apache's protocol and
+    # transport write.  An argument the encoder refuses sends nothing, so the next call
+    # on the same client still gets its own answer.
+    from thrift.protocol.TBinaryProtocol import TBinaryProtocolAccelerated
+    from thrift.transport.TTransport import TFramedTransport, TMemoryBuffer
+
+    from thriftpool.apache import PoolSocket
+
+    server = ApacheEchoServer(apache.gen_dir, transport=transport, protocol="binary")
+    farm.servers.append(server)
+    pool = pools(apache.service, [server.address], min_size=0, max_size=1,
+                 transport=transport, protocol="binary")
+    writes = []
+    real_write = PoolSocket.write
+
+    def record(self, data):
+        writes.append(bytes(data))
+        return real_write(self, data)
+
+    monkeypatch.setattr(PoolSocket, "write", record)
+    with pool.checkout() as client:
+        seqid = client._pooled_conn.seqid + 1
+        assert client.echo("one piece") == "one piece"
+        assert len(writes) == 1
+        expected = TMemoryBuffer()
+        framed = TFramedTransport(expected) if transport == "framed" else expected
+        generated = apache.module.Client(TBinaryProtocolAccelerated(framed))
+        generated._seqid = seqid
+        generated.send_echo("one piece")
+        assert writes[0] == expected.getvalue()
+        writes.clear()
+        with pytest.raises(TypeError):
+            client.echo(12345)  # not a string: the encoder refuses it
+        assert writes == []
+        assert client.echo("next") == "next"
+    # The last call ended cleanly, so the connection stays pooled.
+    assert pool.stats()["idle"] == 1 and pool.stats()["in_use"] == 0
 
 
 @pytest.mark.timeout(30)

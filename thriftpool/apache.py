@@ -64,6 +64,7 @@ from thrift.Thrift import TApplicationException, TException, TMessageType, TProc
 from thrift.transport.THeaderTransport import THeaderClientType
 from thrift.transport.TSocket import TSocket
 from thrift.transport.TTransport import (
+    TBufferedTransport,
     TBufferedTransportFactory,
     TFramedTransport,
     TFramedTransportFactory,
@@ -121,6 +122,10 @@ class PoolSocket(WireBounds, TSocket):  # type: ignore[misc]
     _binding: Optional[Deadline] = None  # the deadline that bounds the current call
     _timeout: Optional[float] = None  # the current call's timeout, for messages
     _api = "call"  # the current call's method, when a deadline bounds it
+    #: How a pooled call may write its request: 0, through the protocol and transport;
+    #: _DIRECT_BUFFERED / _DIRECT_FRAMED, encoded in one piece by the C extension and
+    #: sent in one write (see open_connection).
+    _direct = 0
 
     def __init__(self, sock: Any, address: "Address") -> None:
         # Not TSocket.__init__: the socket is open, and host/port only name it.
@@ -312,6 +317,16 @@ _HEADS: Dict[Tuple[str, int], bytes] = {}
 _NAMES: Dict[str, bytes] = {}
 
 
+def _strict_head(name: str, ttype: int) -> bytes:
+    """The strict binary message header of ``name`` up to its sequence id."""
+    raw = name.encode("utf-8")
+    return _I32.pack(_VERSION_1 | ttype) + _I32.pack(len(raw)) + raw
+
+
+_DIRECT_BUFFERED = 1
+_DIRECT_FRAMED = 2
+
+
 class _StrictBinary(_NumberedNoEnd):
     """:class:`_Numbered` for the binary protocols (plain and accelerated) that write
     strict headers, Apache's default: the same bytes, with the message header written in
@@ -321,8 +336,7 @@ class _StrictBinary(_NumberedNoEnd):
     def writeMessageBegin(self, name: str, ttype: int, seqid: int) -> None:
         head = _HEADS.get((name, ttype))
         if head is None:
-            raw = name.encode("utf-8")
-            head = _I32.pack(_VERSION_1 | ttype) + _I32.pack(len(raw)) + raw
+            head = _strict_head(name, ttype)
             if len(_HEADS) < 4096:  # method names: a few per service
                 _HEADS[(name, ttype)] = head
         self.trans.write(head + _I32.pack(seqid))
@@ -406,6 +420,14 @@ def open_connection(cls: Type["Connection"], address: "Address", config: "PoolCo
             isinstance(protocol, THeaderProtocol)
         tsock.bound(config.socket_timeout, config.max_message_size, framed=framed,
                     tls=isinstance(sock, ssl.SSLSocket), peer=str(address))
+        if isinstance(protocol, _StrictBinary) and \
+                getattr(protocol, "_fast_encode", None) is not None:
+            # The accelerated strict binary protocol over a plain buffered or framed
+            # transport: the bytes a pooled call writes are known in one piece.
+            if type(transport) is TBufferedTransport:
+                tsock._direct = _DIRECT_BUFFERED
+            elif type(transport) is TFramedTransport:
+                tsock._direct = _DIRECT_FRAMED
     except BaseException:
         tsock.close()
         raise
@@ -616,6 +638,8 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool,
     success = shape.success if shape is not None else False
     errors = shape.errors if shape is not None else ()
     missing = f"{name} failed: unknown result"
+    head = _strict_head(name, call_type)
+    encode_spec = [args_cls, getattr(args_cls, "thrift_spec", None)]
 
     @functools.wraps(func)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -660,10 +684,21 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool,
             else:
                 # What the generated send_ and recv_ do, in one frame.
                 oprot = self._oprot
-                oprot.writeMessageBegin(name, call_type, seqid)
-                request.write(oprot)
-                oprot.writeMessageEnd()
-                oprot.trans.flush()
+                direct = tsock._direct
+                if direct:
+                    # The same bytes as the protocol and transport would write (header,
+                    # the C encoder's struct, a frame length), in one write; encoded
+                    # before anything is written, so an argument it refuses sends nothing.
+                    data = head + _I32.pack(seqid) + oprot._fast_encode(request, encode_spec)
+                    if direct == _DIRECT_FRAMED:
+                        data = _I32.pack(len(data)) + data
+                    tsock.write(data)
+                    conn.sent = True
+                else:
+                    oprot.writeMessageBegin(name, call_type, seqid)
+                    request.write(oprot)
+                    oprot.writeMessageEnd()
+                    oprot.trans.flush()
                 if oneway:
                     conn.in_call = False
                     return None

@@ -23,19 +23,29 @@ together and share ``--ops`` operations; the cost is wall time over all operatio
 over the throughput), which is what a caller sees when 8 threads hammer one pool on this
 2-core machine.  Kinds are interleaved and each result is the median of ``--reps``.
 
+``--compare OTHER_TREE`` adds ``thriftpool_other``: the same pool built from another
+source tree's package (copied as ``thriftpool_other``, e.g. a ``git archive`` of an older
+commit), measured in the same process, interleaved with the others, so "before" and
+"after" come from the same minutes of the same machine.
+
 Run from the repository root::
 
     python bench/bench_checkout.py           # about two minutes
+    git archive HEAD~1 thriftpool | (mkdir -p /tmp/base && tar -x -C /tmp/base)
+    python bench/bench_checkout.py --kinds lifo_poll thriftpool --compare /tmp/base
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import queue
 import select
+import shutil
 import socket
 import sys
+import tempfile
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -127,9 +137,11 @@ class ThriftPoolKind(Kind):
     label = "thriftpool checkout()"
     check = "poll(0)"
 
+    package: Any = thriftpool
+
     def __init__(self, server: EchoServer) -> None:
         super().__init__(server)
-        self.pool = thriftpool.ThriftPool(
+        self.pool = self.package.ThriftPool(
             Echo, [f"{server.host}:{server.port}"], name="bench-checkout",
             min_size=POOL_SIZE, max_size=POOL_SIZE, checkout_timeout=10.0)
         deadline = time.monotonic() + 10
@@ -249,6 +261,25 @@ KINDS: Dict[str, type] = {k.name: k for k in (Lifo, LifoPoll, ThriftPoolKind,
                                               SqlAlchemy, HappyBase, TcHeartbeat)}
 
 
+def other_tree_kind(tree: str, tmp: str) -> type:
+    """The ``thriftpool`` kind over the package of source tree ``tree``, imported as
+    ``thriftpool_other`` from a copy in ``tmp``."""
+    import importlib
+    import shutil
+
+    shutil.copytree(os.path.join(os.path.abspath(tree), "thriftpool"),
+                    os.path.join(tmp, "thriftpool_other"))
+    sys.path.insert(0, tmp)
+    package = importlib.import_module("thriftpool_other")
+
+    class OtherTree(ThriftPoolKind):
+        name = "thriftpool_other"
+        label = f"thriftpool checkout(), {os.path.basename(os.path.abspath(tree))}"
+
+    OtherTree.package = package
+    return OtherTree
+
+
 def time_single(once: Callable[[], None], ops: int) -> float:
     """Microseconds per operation, one thread."""
     t0 = time.perf_counter()
@@ -304,7 +335,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="threads in the contended measurement (default 8)")
     parser.add_argument("--reps", type=int, default=7, help="repetitions (default 7)")
     parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--compare", metavar="OTHER_TREE",
+                        help="also measure thriftpool from this source tree")
     args = parser.parse_args(argv)
+    tmp = tempfile.mkdtemp(prefix="bench-checkout-")
+    if args.compare:
+        KINDS["thriftpool_other"] = other_tree_kind(args.compare, tmp)
+        if "thriftpool_other" not in args.kinds:
+            args.kinds.append("thriftpool_other")
 
     header = machine_line()
     print(f"# bench_checkout: {header}")
@@ -333,6 +371,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             except Exception as exc:
                 print(f"closing {kind.name} failed: {exc!r}", file=sys.stderr)
         server.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     print()
     print(f"Microseconds per checkout+checkin, median of {args.reps} (min-max); "

@@ -141,6 +141,12 @@ FACTORIES: Dict[str, Factory] = {
     "thrift_connector": thrift_connector,
     "thriftpool_apache": thriftpool_apache,
 }
+#: The raw client each pooled kind is held against in the paired table.
+RAW_OF: Dict[str, str] = {
+    "thriftpool_thriftpy2": "raw_thriftpy2",
+    "thriftpool_apache": "raw_apache",
+    "thrift_connector": "raw_apache",
+}
 
 
 def generate_apache() -> Tuple[Any, str]:
@@ -260,6 +266,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows.append([kind] + [f"{m:.2f}" for m in meds] +
                     [f"{m - b:+.2f}" for m, b in zip(meds, base)])
     print_table(header, rows)
+    # Paired: each rep runs every kind back to back, so (kind - its raw client) within a
+    # rep cancels the machine's slower minutes; the median of those is the steady figure.
+    paired = []
+    for kind in args.kinds:
+        raw = RAW_OF.get(kind)
+        if raw is None or raw not in args.kinds:
+            continue
+        cells = []
+        for n in args.threads:
+            diffs = [a - b for a, b in zip(results[n][kind], results[n][raw])]
+            cells.append(f"{median(diffs):+.2f} ({min(diffs):+.1f} to {max(diffs):+.1f})")
+        paired.append([f"{kind} - {raw}"] + cells)
+    if paired:
+        print("\nPaired by rep: median (min to max) of the kind's us/call minus its raw "
+              "client's in the same rep\n")
+        print_table(["difference"] + [f"{n} thr" for n in args.threads], paired)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine_line(), "args": vars(args), "results": results}, f,

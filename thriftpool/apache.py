@@ -342,8 +342,14 @@ class _StrictBinary(_NumberedNoEnd):
         self.trans.write(head + _I32.pack(seqid))
 
     def readMessageBegin(self) -> Tuple[str, int, int]:
-        read_all = self.trans.readAll
-        sz = _I32.unpack(read_all(4))[0]
+        trans = self.trans
+        read_all = trans.readAll
+        # read() first: the header is in the transport's buffer once the reply arrived
+        # (readAll is a Python loop around read()).
+        head = trans.read(4)
+        if len(head) != 4:
+            head += read_all(4 - len(head))
+        sz = _I32.unpack(head)[0]
         if sz >= 0:  # an old-style (non-strict) header: Apache's code reads the rest
             if self.strictRead:  # type: ignore[attr-defined]
                 raise TProtocolException(TProtocolException.BAD_VERSION,
@@ -364,7 +370,9 @@ class _StrictBinary(_NumberedNoEnd):
                 _NAMES[name] = raw
         n = len(raw)
         # The reply to this request names it: its length, its name and the seqid.
-        rest = read_all(n + 8)
+        rest = trans.read(n + 8)
+        if len(rest) != n + 8:
+            rest += read_all(n + 8 - len(rest))
         if _I32.unpack_from(rest)[0] != n or rest[4:4 + n] != raw:
             got = rest[4:4 + n].decode("utf-8", "replace")
             raise ReplyMismatch(
@@ -640,6 +648,7 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool,
     missing = f"{name} failed: unknown result"
     head = _strict_head(name, call_type)
     encode_spec = [args_cls, getattr(args_cls, "thrift_spec", None)]
+    decode_spec = [result_cls, getattr(result_cls, "thrift_spec", None)]
 
     @functools.wraps(func)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -709,8 +718,14 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool,
                     iprot.readMessageEnd()
                     raise x
                 reply = result_cls()  # type: ignore[misc]
-                reply.read(iprot)
-                iprot.readMessageEnd()
+                if direct:
+                    # What the generated read() and readMessageEnd() come to here: the C
+                    # decoder over the transport's buffer, then the end of the call.
+                    iprot._fast_decode(reply, iprot, decode_spec)
+                    conn.in_call = False
+                else:
+                    reply.read(iprot)
+                    iprot.readMessageEnd()
                 result = reply.success if success else None
                 if result is None:
                     for error in errors:

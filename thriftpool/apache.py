@@ -373,12 +373,19 @@ class _StrictBinary(_NumberedNoEnd):
         rest = trans.read(n + 8)
         if len(rest) != n + 8:
             rest += read_all(n + 8 - len(rest))
-        if _I32.unpack_from(rest)[0] != n or rest[4:4 + n] != raw:
-            got = rest[4:4 + n].decode("utf-8", "replace")
-            raise ReplyMismatch(
-                f"reply {got!r}... does not answer request {name!r} seqid "
-                f"{self._conn.seqid} on {self._conn}; the connection was dropped")
-        return self._checked(name, sz & 0xFF, _I32.unpack_from(rest, n + 4)[0])
+        rseqid = _I32.unpack_from(rest, n + 4)[0]
+        mtype = sz & 0xFF
+        if (_I32.unpack_from(rest)[0] != n or rest[4:4 + n] != raw
+                or rseqid != self._conn.seqid
+                or (mtype != _REPLY and mtype != _EXCEPTION)):
+            got = rest[4:4 + n]
+            if _I32.unpack_from(rest)[0] != n or got != raw:
+                raise ReplyMismatch(
+                    f"reply {got.decode('utf-8', 'replace')!r}... does not answer request "
+                    f"{name!r} seqid {self._conn.seqid} on {self._conn}; the connection "
+                    "was dropped")
+            return self._checked(name, mtype, rseqid)  # raises
+        return name, mtype, rseqid
 
 
 _NUMBERED: Dict[Tuple[type, type], type] = {}
@@ -472,12 +479,12 @@ class ApacheClientMixin:
     _pooled_conn: Optional["Connection"]
     _iprot: Any
     _oprot: Any
-    _seqid: int
     _calls: Dict[str, Callable[..., Any]] = {}
+
+    _seqid = 0  # the generated send_ methods write it; a pooled call sets it first
 
     def __init__(self, conn: "Connection") -> None:
         self._iprot = self._oprot = protocol = conn.protocol
-        self._seqid = 0
         self._pooled_conn = conn
         if conn.socket._framed and isinstance(protocol, THeaderProtocol):
             # Headers belong to one checkout: none left over from the last one.

@@ -94,19 +94,26 @@ def test_every_apache_server_and_dialect(apache, farm, pools, server_kind, trans
     assert server.stats()["accepted"] == 2
 
 
-@pytest.mark.timeout(30)
-def test_apaches_own_client_returns_the_stale_reply_and_ours_does_not(apache, farm, pools):
-    """The bug the pool fixes, reproduced with Apache's own TSocket and Client."""
+def _raw_client(apache, server, timeout_ms):
+    """Apache's own generated client over its own TSocket (accelerated binary, buffered),
+    and its open transport (close it)."""
     from thrift.protocol.TBinaryProtocol import TBinaryProtocolAccelerated
     from thrift.transport.TSocket import TSocket
     from thrift.transport.TTransport import TBufferedTransport
 
-    (server,) = apache.start(farm)
     raw_socket = TSocket("127.0.0.1", server.port)
-    raw_socket.setTimeout(200)
+    raw_socket.setTimeout(timeout_ms)
     transport = TBufferedTransport(raw_socket)
-    raw = apache.module.Client(TBinaryProtocolAccelerated(transport))
+    client = apache.module.Client(TBinaryProtocolAccelerated(transport))
     transport.open()
+    return client, transport
+
+
+@pytest.mark.timeout(30)
+def test_apaches_own_client_returns_the_stale_reply_and_ours_does_not(apache, farm, pools):
+    """The bug the pool fixes, reproduced with Apache's own TSocket and Client."""
+    (server,) = apache.start(farm)
+    raw, transport = _raw_client(apache, server, timeout_ms=200)
     try:
         with pytest.raises(apache.TTransportException):
             raw.sleep(300)
@@ -133,16 +140,8 @@ def test_the_pooled_client_answers_every_call_as_the_generated_client_does(
         apache, farm, pools, monkeypatch):
     # The pooled client makes a call itself (the generated send_/recv_ pair, inlined):
     # every way of calling must end as the generated client's call ends.
-    from thrift.protocol.TBinaryProtocol import TBinaryProtocolAccelerated
-    from thrift.transport.TSocket import TSocket
-    from thrift.transport.TTransport import TBufferedTransport
-
     (server,) = apache.start(farm)
-    raw_socket = TSocket("127.0.0.1", server.port)
-    raw_socket.setTimeout(5000)
-    transport = TBufferedTransport(raw_socket)
-    raw = apache.module.Client(TBinaryProtocolAccelerated(transport))
-    transport.open()
+    raw, transport = _raw_client(apache, server, timeout_ms=5000)
     pool = pools(apache.service, [server.address], min_size=0, max_size=1)
     calls = [
         lambda c: c.echo("x"), lambda c: c.echo(message="y"), lambda c: c.echo(None),

@@ -38,7 +38,8 @@ def no_thread_leak() -> Iterator[None]:
 
 @pytest.fixture
 def make_pool(request):
-    """Builds ``ThriftPool``s (``make_pool(addresses, **options)``); closes them all at teardown.
+    """Builds ``ThriftPool``s (``make_pool(addresses, **options)``, the echo service of
+    thriftpy2 unless ``service=`` names another); closes them all at teardown.
 
     In a test marked ``consistent`` (every chaos, leak and failure test), each pool still
     open at the end must pass :func:`consistency.assert_consistent` first.
@@ -48,9 +49,9 @@ def make_pool(request):
 
     pools = []
 
-    def make(discovery, **options):
+    def make(discovery, service=None, **options):
         options.setdefault("name", "test")
-        p = thriftpool.ThriftPool(echo_thrift.Echo, discovery, **options)
+        p = thriftpool.ThriftPool(service or echo_thrift.Echo, discovery, **options)
         pools.append(p)
         return p
 

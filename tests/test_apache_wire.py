@@ -1,9 +1,10 @@
 """The wire guarantees of issue 11 on the Apache Thrift stack: whole-call and per-method
-timeouts, ``thriftpool.deadline()``, ``max_message_size`` (frames, THeader frames, string
-and container lengths), malformed replies as Apache's own exceptions, bounded resolution
-over every address, a TLS session refused at its first read as a failed connect, and
-heartbeats bounded by ``call_timeout()``.  The lying servers (tests/liars.py) speak the
-binary and compact wire, which is the same for both stacks."""
+timeouts (``thriftpool.deadline()`` is in tests/test_deadlines.py, on both stacks),
+``max_message_size`` (frames, THeader frames, string and container lengths), malformed
+replies as Apache's own exceptions, bounded resolution over every address, a TLS session
+refused at its first read as a failed connect, and heartbeats bounded by
+``call_timeout()``.  The lying servers (tests/liars.py) speak the binary and compact wire,
+which is the same for both stacks."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ import pytest
 import thriftpool
 from liars import FRAMED_LIES, LIES
 from servers import wait_for
-from thriftpool import DeadlineExceeded
 from thriftpool.address import Address, parse_address
 from thriftpool.connection import Connection, is_connect_error, should_discard
 
@@ -318,83 +318,6 @@ def test_a_one_read_reply_sets_no_timeout_on_the_socket(apache, farm, pools, mon
     # No setsockopt()/settimeout() per call (a re-arm only when a call is slower
     # than _SLACK between its start and its read: a loaded machine, rarely).
     assert len(arms) <= 5, arms
-
-
-# -- deadline() -----------------------------------------------------------------------------
-
-@pytest.mark.timeout(30)
-def test_a_call_with_no_time_left_sends_nothing_and_keeps_its_connection(apache, liar, pools):
-    server = liar()
-    pool = pools([server.address], min_size=0)
-    with pool.checkout() as client:
-        assert client.echo("a") == "a"
-        with thriftpool.deadline(0):
-            with pytest.raises(DeadlineExceeded) as info:
-                client.echo("never sent")
-        assert "the request was not sent" in str(info.value)
-        assert client.echo("b") == "b"  # same connection, still in sync
-    assert server.stats()["requests"] == 2
-    assert server.stats()["accepted"] == 1
-    assert server.stats()["closes_seen"] == 0
-
-
-@pytest.mark.timeout(30)
-def test_a_call_cut_short_by_the_deadline_raises_deadline_exceeded(apache, liar, pools):
-    server = liar(trickle_interval=0.2).lie("trickle")
-    pool = pools([server.address], min_size=0, socket_timeout=5.0)
-    started = time.monotonic()
-    with thriftpool.deadline(0.4):
-        with pytest.raises(DeadlineExceeded) as info:
-            pool.client().echo("x" * 50)
-    elapsed = time.monotonic() - started
-    assert 0.35 < elapsed < 0.9, elapsed
-    assert isinstance(info.value.__cause__, socket.timeout)
-    assert info.value.timeout == 0.4
-    assert "echo()" in str(info.value)
-    wait_for(lambda: server.stats()["closes_seen"] == 1, timeout=5,
-             message="the connection to be discarded")
-    assert pool.client().echo("next") == "next"
-
-
-@pytest.mark.timeout(30)
-def test_a_call_whose_own_timeout_is_shorter_raises_its_timeout(apache, liar, pools):
-    server = liar(trickle_interval=0.2).lie("trickle")
-    pool = pools([server.address], min_size=0, socket_timeout=0.3)
-    started = time.monotonic()
-    with thriftpool.deadline(5):
-        with pytest.raises(apache.TTransportException) as info:
-            pool.client().echo("x" * 50)
-    assert info.value.type == apache.TTransportException.TIMED_OUT
-    assert time.monotonic() - started < 0.8
-
-
-@pytest.mark.timeout(30)
-def test_the_proxy_never_retries_a_call_the_deadline_cut(apache, liar, pools):
-    first = liar(trickle_interval=0.2).lie("trickle")
-    second = liar()
-    pool = pools([first.address, second.address], min_size=0, socket_timeout=5.0,
-                 idempotent=True, retries=2, balancer="round_robin")
-    with thriftpool.deadline(0.4):
-        with pytest.raises(DeadlineExceeded):
-            pool.client().echo("x" * 50)
-    assert first.stats()["requests"] == 1
-    assert second.stats()["requests"] == 0
-
-
-@pytest.mark.timeout(30)
-def test_calls_in_a_block_share_one_budget(apache, farm, pools):
-    (server,) = apache.start(farm)
-    pool = pools([server.address], min_size=1, socket_timeout=5.0)
-    pool.wait()
-    proxy = pool.client()
-    started = time.monotonic()
-    with thriftpool.deadline(1.0):
-        assert proxy.sleep(400) == 400
-        assert proxy.sleep(400) == 400
-        with pytest.raises(DeadlineExceeded):
-            proxy.sleep(400)
-    elapsed = time.monotonic() - started
-    assert 0.95 < elapsed < 1.5, elapsed
 
 
 # -- connecting -----------------------------------------------------------------------------

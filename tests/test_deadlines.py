@@ -1,4 +1,6 @@
-"""``thriftpool.deadline()``: one budget over every call (and retry) inside the block."""
+"""``thriftpool.deadline()``: one budget over every call (and retry) inside the block.
+
+The tests of calls take the ``stack`` fixture: each runs on thriftpy2 and on Apache Thrift."""
 
 from __future__ import annotations
 
@@ -116,9 +118,10 @@ def test_deadline_exceeded_is_a_pool_error_and_a_timeout_and_pickles():
 
 
 @pytest.mark.timeout(30)
-def test_a_call_with_no_time_left_sends_nothing_and_keeps_its_connection(liar, make_pool):
-    server = liar()
-    pool = make_pool([server.address], min_size=0)
+def test_a_call_with_no_time_left_sends_nothing_and_keeps_its_connection(stack, liar,
+                                                                         make_pool):
+    server = liar()  # the binary wire: the same for both stacks
+    pool = make_pool([server.address], service=stack.service, min_size=0)
     with pool.checkout() as client:
         assert client.echo("a") == "a"
         with thriftpool.deadline(0):
@@ -132,9 +135,9 @@ def test_a_call_with_no_time_left_sends_nothing_and_keeps_its_connection(liar, m
 
 
 @pytest.mark.timeout(30)
-def test_a_call_cut_short_by_the_deadline_raises_deadline_exceeded(liar, make_pool):
+def test_a_call_cut_short_by_the_deadline_raises_deadline_exceeded(stack, liar, make_pool):
     server = liar(trickle_interval=0.2).lie("trickle")
-    pool = make_pool([server.address], min_size=0, socket_timeout=5.0)
+    pool = make_pool([server.address], service=stack.service, min_size=0, socket_timeout=5.0)
     started = time.monotonic()
     with thriftpool.deadline(0.4):
         with pytest.raises(DeadlineExceeded) as info:
@@ -143,27 +146,33 @@ def test_a_call_cut_short_by_the_deadline_raises_deadline_exceeded(liar, make_po
     assert 0.35 < elapsed < 0.9, elapsed
     assert isinstance(info.value.__cause__, socket.timeout)
     assert info.value.timeout == 0.4
+    assert "echo()" in str(info.value)
     wait_for(lambda: server.stats()["closes_seen"] == 1, timeout=5,
              message="the connection to be discarded")
     assert pool.client().echo("next") == "next"
 
 
 @pytest.mark.timeout(30)
-def test_a_call_whose_own_timeout_is_shorter_raises_socket_timeout(liar, make_pool):
+def test_a_call_whose_own_timeout_is_shorter_raises_its_timeout(stack, liar, make_pool):
+    # Its own timeout, as the stack reports one: socket.timeout (thriftpy2) or
+    # TTransportException(TIMED_OUT) (Apache), not DeadlineExceeded.
     server = liar(trickle_interval=0.2).lie("trickle")
-    pool = make_pool([server.address], min_size=0, socket_timeout=0.3)
+    pool = make_pool([server.address], service=stack.service, min_size=0, socket_timeout=0.3)
     started = time.monotonic()
+    expected = stack.TTransportException if stack.name == "apache" else socket.timeout
     with thriftpool.deadline(5):
-        with pytest.raises(socket.timeout) as info:
+        with pytest.raises(expected) as info:
             pool.client().echo("x" * 50)
     assert not isinstance(info.value, DeadlineExceeded)
+    if stack.name == "apache":
+        assert info.value.type == stack.TTransportException.TIMED_OUT
     assert time.monotonic() - started < 0.8
 
 
 @pytest.mark.timeout(30)
-def test_calls_in_a_block_share_one_budget(farm, make_pool):
-    server = farm.one()
-    pool = make_pool([server.address], min_size=1, socket_timeout=5.0)
+def test_calls_in_a_block_share_one_budget(stack, farm, make_pool):
+    (server,) = stack.start(farm)
+    pool = make_pool([server.address], service=stack.service, min_size=1, socket_timeout=5.0)
     pool.wait()
     proxy = pool.client()
     started = time.monotonic()
@@ -198,11 +207,11 @@ def test_a_retry_gets_only_the_time_left(liar, farm, make_pool):
 
 
 @pytest.mark.timeout(30)
-def test_no_retry_once_the_deadline_is_spent(liar, make_pool):
+def test_no_retry_once_the_deadline_is_spent(stack, liar, make_pool):
     first = liar(trickle_interval=0.2).lie("trickle")
     second = liar()
-    pool = make_pool([first.address, second.address], min_size=0, socket_timeout=5.0,
-                     idempotent=True, retries=2, balancer="round_robin")
+    pool = make_pool([first.address, second.address], service=stack.service, min_size=0,
+                     socket_timeout=5.0, idempotent=True, retries=2, balancer="round_robin")
     with thriftpool.deadline(0.4):
         with pytest.raises(DeadlineExceeded):
             pool.client().echo("x" * 50)

@@ -40,6 +40,17 @@ def _echo_request(message: str, seqid: int = 1) -> bytes:
 # -- whole-call timeouts ---------------------------------------------------------------------
 
 
+def _timed_out(stack):
+    """What a call that runs out of its own timeout raises on ``stack``."""
+    return stack.TTransportException if stack.name == "apache" else socket.timeout
+
+
+def _check_timed_out(stack, exc):
+    assert not isinstance(exc, thriftpool.DeadlineExceeded)
+    if stack.name == "apache":
+        assert exc.type == stack.TTransportException.TIMED_OUT
+
+
 @pytest.mark.timeout(30)
 def test_a_reply_spread_over_many_reads_is_bounded_by_socket_timeout(liar, make_pool):
     server = liar(trickle_interval=0.05).lie("trickle")  # ~240 bytes: 12 s if unbounded
@@ -51,9 +62,9 @@ def test_a_reply_spread_over_many_reads_is_bounded_by_socket_timeout(liar, make_
 
 
 @pytest.mark.timeout(30)
-def test_a_one_read_reply_sets_no_timeout_on_the_socket(farm, make_pool, monkeypatch):
-    server = farm.one()
-    pool = make_pool([server.address], min_size=1, socket_timeout=5.0)
+def test_a_one_read_reply_sets_no_timeout_on_the_socket(stack, farm, make_pool, monkeypatch):
+    (server,) = stack.start(farm)
+    pool = make_pool([server.address], service=stack.service, min_size=1, socket_timeout=5.0)
     pool.wait()
     proxy = pool.client()
     assert proxy.echo("warm") == "warm"
@@ -74,24 +85,28 @@ def test_a_one_read_reply_sets_no_timeout_on_the_socket(farm, make_pool, monkeyp
 
 
 @pytest.mark.timeout(30)
-def test_method_timeouts_override_socket_timeout(liar, make_pool):
-    server = liar(trickle_interval=0.05)
-    short = make_pool([server.address], min_size=0, socket_timeout=0.3,
-                      method_timeouts={"sleep": 3.0})
+def test_method_timeouts_override_socket_timeout(stack, liar, make_pool):
+    server = liar(trickle_interval=0.05)  # the binary wire: the same for both stacks
+    short = make_pool([server.address], service=stack.service, min_size=0,
+                      socket_timeout=0.3, method_timeouts={"sleep": 3.0})
     assert short.client().sleep(700) == 700  # beyond socket_timeout: sleep has its own
     server.lie("trickle")
     started = time.monotonic()
-    with pytest.raises(socket.timeout):
+    with pytest.raises(_timed_out(stack)) as info:
         short.client().echo("x" * 50)  # echo keeps socket_timeout
+    _check_timed_out(stack, info.value)
     assert time.monotonic() - started < 0.8
-    unbounded = make_pool([server.address], min_size=0, socket_timeout=0.3,
-                          method_timeouts={"sleep": None})
+    unbounded = make_pool([server.address], service=stack.service, min_size=0,
+                          socket_timeout=0.3, method_timeouts={"sleep": None})
     assert unbounded.client().sleep(700) == 700
-    tight = make_pool([server.address], min_size=0, socket_timeout=5.0,
-                      method_timeouts={"sleep": 0.3})
+    tight = make_pool([server.address], service=stack.service, min_size=0,
+                      socket_timeout=5.0, method_timeouts={"sleep": 0.3})
     started = time.monotonic()
-    with pytest.raises(socket.timeout):
+    with pytest.raises(_timed_out(stack)) as info:
         tight.client().sleep(2000)
+    _check_timed_out(stack, info.value)
+    if stack.name == "apache":
+        assert "0.3s" in str(info.value)  # Apache's exception names the call's timeout
     assert time.monotonic() - started < 0.8
     assert tight.client().echo("unaffected") == "unaffected"
     with thriftpool.deadline(0.2):  # and a deadline still takes the smaller
@@ -117,17 +132,18 @@ def test_method_timeouts_are_validated():
 
 
 @pytest.mark.timeout(30)
-def test_call_timeout_bounds_every_call_in_its_block_then_restores(farm):
-    server = farm.one()
-    config = thriftpool.PoolConfig.build(service=echo_thrift.Echo, socket_timeout=5.0,
+def test_call_timeout_bounds_every_call_in_its_block_then_restores(stack, farm):
+    (server,) = stack.start(farm)
+    config = thriftpool.PoolConfig.build(service=stack.service, socket_timeout=5.0,
                                          method_timeouts={"sleep": 10.0})
     conn = Connection.open(parse_address(server.address), config)
     try:
-        client = client_class(echo_thrift.Echo)(conn)
+        client = config.spec.make_client(conn)
         started = time.monotonic()
         with conn.call_timeout(0.3):
-            with pytest.raises(socket.timeout):
+            with pytest.raises(_timed_out(stack)) as info:
                 client.sleep(2000)
+        _check_timed_out(stack, info.value)
         assert time.monotonic() - started < 0.8
         assert conn.timeout == 5.0 and conn.timeouts == {"sleep": 10.0}
     finally:
@@ -135,12 +151,13 @@ def test_call_timeout_bounds_every_call_in_its_block_then_restores(farm):
 
 
 @pytest.mark.timeout(30)
-def test_a_heartbeat_is_bounded_for_the_whole_call(liar, make_pool):
+def test_a_heartbeat_is_bounded_for_the_whole_call(stack, liar, make_pool):
     # The heartbeat's ping is answered one byte every 0.1 s (~25 bytes: 2.5 s); with
     # connect_timeout 0.5 the watchdog gives up after 0.5 s in all and drops the socket.
     server = liar(trickle_interval=0.1).lie("trickle")
-    pool = make_pool([server.address], min_size=1, socket_timeout=5.0, connect_timeout=0.5,
-                     heartbeat="ping", heartbeat_interval=0.1, watchdog_interval=0.05)
+    pool = make_pool([server.address], service=stack.service, min_size=1, socket_timeout=5.0,
+                     connect_timeout=0.5, heartbeat="ping", heartbeat_interval=0.1,
+                     watchdog_interval=0.05)
     wait_for(lambda: server.stats()["closes_seen"] >= 1, timeout=10,
              message="the heartbeat to give up")
     (lie, told), (what, closed) = server.events[:2]

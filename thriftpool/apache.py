@@ -515,14 +515,8 @@ class ApacheClientMixin:
 
         conn = self._pooled_conn
         assert conn is not None
-        seqid = conn.seqid + 1
-        if seqid > _MAX_SEQID:
-            seqid = 1
-        conn.seqid = seqid
-        conn.in_call = True
-        conn.sent = False
+        seqid = conn.begin_call(timeout)
         tsock: Any = conn.socket
-        tsock.begin(timeout)
         tsock._binding = None
         tsock._timeout = timeout
         oprot = self._oprot
@@ -680,6 +674,7 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool,
                 conn.socket._api = what
             else:
                 binding = None
+        # (Connection.begin_call, inlined: the hot path.)
         seqid = conn.seqid + 1
         if seqid > _MAX_SEQID:
             seqid = 1

@@ -283,6 +283,7 @@ class PooledClient(TClient):
                 timeout = left
             else:
                 binding = None
+        # (Connection.begin_call, inlined: the hot path.)
         seqid = conn.seqid + 1
         if seqid > _MAX_SEQID:
             seqid = 1
@@ -390,13 +391,7 @@ class PooledClient(TClient):
         the server refused, a hang-up or no answer within ``timeout`` raises."""
         conn = self._conn
         assert conn is not None
-        seqid = conn.seqid + 1
-        if seqid > _MAX_SEQID:
-            seqid = 1
-        conn.seqid = seqid
-        conn.in_call = True
-        conn.sent = False
-        conn.socket.begin(timeout)
+        seqid = conn.begin_call(timeout)
         prot = conn.protocol
         prot.write_message_begin(TRIAL_METHOD, TMessageType.CALL, seqid)
         _TrialArgs().write(prot)
@@ -1152,6 +1147,19 @@ class Connection:
         a ``method_timeouts`` entry keep theirs), and put it on the socket now."""
         self.timeout = seconds
         self.socket.force_timeout(seconds)
+
+    def begin_call(self, timeout: Optional[float]) -> int:
+        """Start a call that may take ``timeout`` seconds: its sequence id (returned), the
+        in-call flag (the stream is in an unknown state until the reply is read in full),
+        not sent yet, and the socket's whole-call deadline."""
+        seqid = self.seqid + 1
+        if seqid > _MAX_SEQID:
+            seqid = 1
+        self.seqid = seqid
+        self.in_call = True
+        self.sent = False
+        self.socket.begin(timeout)
+        return seqid
 
     @contextlib.contextmanager
     def call_timeout(self, seconds: Optional[float]) -> Iterator[None]:

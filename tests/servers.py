@@ -176,3 +176,47 @@ def start_servers(farm: ServerFarm, n: int, **kwargs: Any) -> List[EchoServer]:
     if errors or len(servers) != n:
         raise RuntimeError(f"echo servers did not start: {errors}")
     return servers
+
+
+class CannedServer:
+    """Answers the first request of its first connection with fixed bytes (one at a time,
+    ``gap`` seconds apart, when ``gap`` is set), then reads until the client hangs up
+    (``closed`` is set then).  For replies no Thrift server would send."""
+
+    def __init__(self, reply: bytes, gap: float = 0.0) -> None:
+        self.reply = reply
+        self.gap = gap
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="canned-server", daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.settimeout(10)
+                conn.recv(65536)
+                if self.gap:
+                    for i in range(len(self.reply)):
+                        conn.sendall(self.reply[i:i + 1])
+                        time.sleep(self.gap)
+                else:
+                    conn.sendall(self.reply)
+                while conn.recv(65536):
+                    pass
+            except OSError:
+                pass
+        self.closed.set()
+
+    def stop(self) -> None:
+        self.listener.close()
+        self.thread.join(5)

@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 import traceback
 import warnings
@@ -21,7 +20,7 @@ import warnings
 import pytest
 
 import thriftpool
-from servers import ROOT, echo_thrift, free_port, wait_for
+from servers import ROOT, CannedServer, echo_thrift, free_port, wait_for
 from stacks import ApacheEchoServer
 
 pytestmark = [pytest.mark.usefixtures("no_thread_leak"), pytest.mark.apache]
@@ -524,47 +523,6 @@ def test_fork_child_uses_its_own_sockets_and_a_checked_out_client_is_dead(apache
 
 # -- the whole-call deadline and replies that lie ------------------------------------------
 
-class RawServer:
-    """Reads one request per connection and answers it with bytes a test chose."""
-
-    def __init__(self, reply: bytes, gap: float = 0.0) -> None:
-        self.reply = reply
-        self.gap = gap
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        with conn:
-            conn.recv(65536)
-            try:
-                if self.gap:
-                    for i in range(len(self.reply)):
-                        conn.sendall(self.reply[i:i + 1])
-                        time.sleep(self.gap)
-                else:
-                    conn.sendall(self.reply)
-                while conn.recv(65536):
-                    pass
-            except OSError:
-                pass
-        self.closed.set()
-
-    def stop(self) -> None:
-        self.listener.close()
-        self.thread.join(5)
-
-
 def _reply(apache, mtype: int, value: str = "x" * 10) -> bytes:
     from thrift.protocol.TBinaryProtocol import TBinaryProtocol
     from thrift.transport.TTransport import TMemoryBuffer
@@ -582,7 +540,7 @@ def _reply(apache, mtype: int, value: str = "x" * 10) -> bytes:
 def test_socket_timeout_bounds_the_whole_call_against_a_trickling_server(apache, pools):
     from thrift.Thrift import TMessageType
 
-    server = RawServer(_reply(apache, TMessageType.REPLY), gap=0.1)
+    server = CannedServer(_reply(apache, TMessageType.REPLY), gap=0.1)
     try:
         pool = pools(apache.service, [server.address], min_size=0, socket_timeout=0.5)
         started = time.monotonic()
@@ -598,7 +556,7 @@ def test_socket_timeout_bounds_the_whole_call_against_a_trickling_server(apache,
 
 @pytest.mark.timeout(30)
 def test_unknown_message_type_is_a_protocol_error_and_discards(apache, pools):
-    server = RawServer(_reply(apache, 7))
+    server = CannedServer(_reply(apache, 7))
     try:
         pool = pools(apache.service, [server.address], min_size=0, failure_threshold=1)
         with pytest.raises(apache.TProtocolException):

@@ -18,7 +18,7 @@ import pytest
 
 import thriftpool
 from liars import FRAMED_LIES, LIES
-from servers import wait_for
+from servers import CannedServer, wait_for
 from thriftpool.address import Address, parse_address
 from thriftpool.connection import Connection, is_connect_error, should_discard
 
@@ -166,49 +166,13 @@ def test_string_and_container_limits_follow_max_message_size(apache, liar):
             conn.close()
 
 
-class FrameServer:
-    """Answers every request with fixed bytes, then waits for the client to hang up."""
-
-    def __init__(self, reply: bytes) -> None:
-        self.reply = reply
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.closed = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except OSError:
-            return
-        with conn:
-            try:
-                conn.settimeout(10)
-                conn.recv(65536)
-                conn.sendall(self.reply)
-                while conn.recv(65536):
-                    pass
-            except OSError:
-                pass
-        self.closed.set()
-
-    def stop(self) -> None:
-        self.listener.close()
-        self.thread.join(5)
-
-
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("size", [2 ** 31 - 1, 20_000])
 def test_a_theader_frame_over_max_message_size_is_refused_before_it_is_read(apache, pools,
                                                                            size):
     # A THeader frame header (4 bytes of length, then the 0x0FFF magic) claiming more than
     # the limit: nothing is read or allocated for it.
-    server = FrameServer(struct.pack("!iHH", size, 0x0FFF, 0) + b"\x00" * 64)
+    server = CannedServer(struct.pack("!iHH", size, 0x0FFF, 0) + b"\x00" * 64)
     try:
         pool = pools([server.address], min_size=0, protocol="header",
                      max_message_size=10_000)
@@ -382,7 +346,7 @@ def _result(value: bytes) -> bytes:
 @pytest.mark.timeout(30)
 def test_a_non_strict_reply_header_is_read(apache, pools):
     # An old-style header: the name's length first, then the name, type and seqid.
-    server = FrameServer(struct.pack("!i", 4) + b"echo" + b"\x02" + struct.pack("!i", 1)
+    server = CannedServer(struct.pack("!i", 4) + b"echo" + b"\x02" + struct.pack("!i", 1)
                          + _result(b"old style"))
     try:
         pool = pools([server.address], min_size=0)
@@ -398,7 +362,7 @@ def test_a_non_strict_reply_header_is_read(apache, pools):
 def test_a_non_strict_reply_is_refused_with_strict_read(apache, pools):
     from thrift.protocol.TBinaryProtocol import TBinaryProtocolAcceleratedFactory
 
-    server = FrameServer(struct.pack("!i", 4) + b"echo" + b"\x02" + struct.pack("!i", 1)
+    server = CannedServer(struct.pack("!i", 4) + b"echo" + b"\x02" + struct.pack("!i", 1)
                          + _result(b"old style"))
     try:
         factory = TBinaryProtocolAcceleratedFactory(fallback=False)
@@ -416,7 +380,7 @@ def test_a_non_strict_reply_is_refused_with_strict_read(apache, pools):
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("name, seqid", [(b"sleep", 1), (b"ecHo", 1), (b"echo", 7)])
 def test_a_reply_to_another_request_is_a_mismatch(apache, pools, name, seqid):
-    server = FrameServer(struct.pack("!ii", -2147418112 | 2, len(name)) + name
+    server = CannedServer(struct.pack("!ii", -2147418112 | 2, len(name)) + name
                          + struct.pack("!i", seqid) + _result(b"not yours"))
     try:
         pool = pools([server.address], min_size=0)

@@ -197,7 +197,7 @@ def test_a_call_is_one_write_of_the_bytes_apaches_protocol_writes(apache, farm, 
 
     monkeypatch.setattr(PoolSocket, "write", record)
     with pool.checkout() as client:
-        seqid = client._pooled_conn.seqid + 1
+        seqid = client._conn.seqid + 1
         assert client.echo("one piece") == "one piece"
         assert len(writes) == 1
         expected = TMemoryBuffer()

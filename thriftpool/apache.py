@@ -476,34 +476,36 @@ def _released(api: str) -> ClientReleased:
 class ApacheClientMixin:
     """Put in front of a generated ``Client``: the pool's bookkeeping (see the module)."""
 
-    _pooled_conn: Optional["Connection"]
-    _iprot: Any
-    _oprot: Any
+    _conn: Optional["Connection"]
     _calls: Dict[str, Callable[..., Any]] = {}
 
     _seqid = 0  # the generated send_ methods write it; a pooled call sets it first
 
     def __init__(self, conn: "Connection") -> None:
-        self._iprot = self._oprot = protocol = conn.protocol
-        self._pooled_conn = conn
-        if conn.socket._framed and isinstance(protocol, THeaderProtocol):
+        # One attribute per checkout; releasing is setting it to None.
+        self._conn = conn
+        if conn.socket._framed and isinstance(conn.protocol, THeaderProtocol):
             # Headers belong to one checkout: none left over from the last one.
-            protocol.clear_headers()
-            protocol.trans._read_headers = {}
+            conn.protocol.clear_headers()
+            conn.protocol.trans._read_headers = {}
+
+    # The generated methods (send_*, recv_*, and the others when a call takes their
+    # path) reach the connection through these: after the checkout, any use raises
+    # ClientReleased.  The pooled calls read conn.protocol themselves.
 
     @property
-    def _conn(self) -> Optional["Connection"]:
-        return self._pooled_conn
+    def _iprot(self) -> Any:
+        conn = self._conn
+        return _RELEASED if conn is None else conn.protocol
 
-    @_conn.setter
-    def _conn(self, conn: Optional["Connection"]) -> None:
-        self._pooled_conn = conn
-        if conn is None:
-            self._iprot = self._oprot = _RELEASED
+    @property
+    def _oprot(self) -> Any:
+        conn = self._conn
+        return _RELEASED if conn is None else conn.protocol
 
     def _req(self, _api: str, *args: Any, **kwargs: Any) -> Any:
         """Call the IDL method ``_api`` (the pool's proxy and heartbeat use this)."""
-        conn = self._pooled_conn
+        conn = self._conn
         if conn is None or conn.detached:
             raise _released(_api)
         return self._calls[_api](self, *args, **kwargs)
@@ -513,13 +515,13 @@ class ApacheClientMixin:
         service has, answered with ``TApplicationException(UNKNOWN_METHOD)``."""
         from .connection import TRIAL_METHOD
 
-        conn = self._pooled_conn
+        conn = self._conn
         assert conn is not None
         seqid = conn.begin_call(timeout)
         tsock: Any = conn.socket
         tsock._binding = None
         tsock._timeout = timeout
-        oprot = self._oprot
+        oprot = iprot = conn.protocol
         oprot._expect_name = TRIAL_METHOD
         oprot.writeMessageBegin(TRIAL_METHOD, TMessageType.CALL, seqid)
         oprot.writeStructBegin("trial_args")
@@ -527,7 +529,6 @@ class ApacheClientMixin:
         oprot.writeStructEnd()
         oprot.writeMessageEnd()
         oprot.trans.flush()
-        iprot = self._iprot
         _, mtype, _ = iprot.readMessageBegin()
         if mtype != TMessageType.EXCEPTION:
             raise ReplyMismatch(f"trial call on {conn}: reply type {mtype}")
@@ -561,7 +562,7 @@ class ApacheClientMixin:
         self._header_protocol().clear_headers()
 
     def __repr__(self) -> str:
-        conn = self._pooled_conn
+        conn = self._conn
         state = "released" if conn is None else str(conn.address)
         return f"<{type(self).__name__} {state}>"
 
@@ -653,7 +654,7 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool,
 
     @functools.wraps(func)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        conn = self._pooled_conn
+        conn = self._conn
         if conn is None or conn.detached:
             raise _released(name)
         request = None
@@ -687,14 +688,13 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool,
         tsock.begin(timeout)
         tsock._binding = binding
         tsock._timeout = timeout
-        iprot = self._iprot
+        oprot = iprot = conn.protocol
         iprot._expect_name = name
         try:
             if request is None:
                 result = func(self, *args, **kwargs)
             else:
                 # What the generated send_ and recv_ do, in one frame.
-                oprot = self._oprot
                 direct = tsock._direct
                 if direct:
                     # The same bytes as the protocol and transport would write (header,

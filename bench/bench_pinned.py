@@ -14,6 +14,7 @@ from the first kind given as ``--baseline``.
 
     python bench/bench_pinned.py                      # every kind, 1, 4 and 16 threads
     python bench/bench_pinned.py --kinds raw_apache thriftpool_apache --threads 1 16
+    python bench/bench_pinned.py --pooled bench/results/2026-12-01-pinned-*.json  # no measuring
 """
 
 from __future__ import annotations
@@ -211,6 +212,46 @@ def run_once(calls: List[Call], max_calls: int, duration: float, warmup: float
     return (cpu / total * 1e6 if total else float("nan")), total
 
 
+def print_paired(runs: Sequence[Dict[int, Dict[str, List[float]]]], threads: Sequence[int],
+                 kinds: Sequence[str]) -> None:
+    """Print each pooled kind's difference from its stack's raw client, paired by rep.
+
+    Each rep runs every kind back to back, so (kind - its raw client) within a rep cancels
+    the machine's slower minutes; the median of those is the steady figure.  With several
+    ``runs`` the reps of all of them are pooled.
+    """
+    rows = []
+    for kind in kinds:
+        raw = RAW_OF.get(kind)
+        if raw is None or raw not in kinds:
+            continue
+        cells = []
+        for n in threads:
+            diffs = [a - b for run in runs if kind in run.get(n, {}) and raw in run.get(n, {})
+                     for a, b in zip(run[n][kind], run[n][raw])]
+            cells.append(f"{median(diffs):+.2f} ({min(diffs):+.1f} to {max(diffs):+.1f}; "
+                         f"{len(diffs)} reps)" if diffs else "-")
+        rows.append([f"{kind} - {raw}"] + cells)
+    if rows:
+        print("\nPaired by rep: median (min to max) of the kind's us/call minus its raw "
+              "client's in the same rep\n")
+        print_table(["difference"] + [f"{n} thr" for n in threads], rows)
+
+
+def pooled(files: Sequence[str]) -> int:
+    """``--pooled FILE...``: the paired table over the reps of earlier ``--json`` runs."""
+    runs = []
+    for path in files:
+        with open(path) as f:
+            data = json.load(f)
+        runs.append({int(n): per for n, per in data["results"].items()})
+        print(f"{path}: {data['machine']}")
+    threads = sorted({n for run in runs for n in run})
+    kinds = list(dict.fromkeys(k for run in runs for per in run.values() for k in per))
+    print_paired(runs, threads, kinds)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 4, 16])
@@ -221,7 +262,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--duration", type=float, default=1.5, help="seconds per run at most")
     parser.add_argument("--warmup", type=float, default=0.2)
     parser.add_argument("--json", help="write the raw numbers to this file")
+    parser.add_argument("--pooled", nargs="+", metavar="FILE",
+                        help="measure nothing: the paired table over the reps of these "
+                             "--json files")
     args = parser.parse_args(argv)
+    if args.pooled:
+        return pooled(args.pooled)
 
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -266,22 +312,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows.append([kind] + [f"{m:.2f}" for m in meds] +
                     [f"{m - b:+.2f}" for m, b in zip(meds, base)])
     print_table(header, rows)
-    # Paired: each rep runs every kind back to back, so (kind - its raw client) within a
-    # rep cancels the machine's slower minutes; the median of those is the steady figure.
-    paired = []
-    for kind in args.kinds:
-        raw = RAW_OF.get(kind)
-        if raw is None or raw not in args.kinds:
-            continue
-        cells = []
-        for n in args.threads:
-            diffs = [a - b for a, b in zip(results[n][kind], results[n][raw])]
-            cells.append(f"{median(diffs):+.2f} ({min(diffs):+.1f} to {max(diffs):+.1f})")
-        paired.append([f"{kind} - {raw}"] + cells)
-    if paired:
-        print("\nPaired by rep: median (min to max) of the kind's us/call minus its raw "
-              "client's in the same rep\n")
-        print_table(["difference"] + [f"{n} thr" for n in args.threads], paired)
+    print_paired([results], args.threads, args.kinds)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine_line(), "args": vars(args), "results": results}, f,

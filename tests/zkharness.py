@@ -48,9 +48,23 @@ _counter = itertools.count(1)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> List[int]:
+    """``n`` distinct loopback ports nobody listens on.  All are held bound until the last
+    is picked: ports picked one at a time may repeat (an ensemble once got one port as a
+    server's client port and another's quorum port, and never elected a leader again)."""
+    held = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def _java() -> str:
@@ -216,7 +230,8 @@ class ZooKeeperEnsemble:
     """Three servers on loopback, each with its own data dir, ``myid`` and ports."""
 
     def __init__(self, base_dir: str, size: int = 3) -> None:
-        peers = [(sid, free_port(), free_port(), free_port()) for sid in range(1, size + 1)]
+        ports = iter(free_ports(3 * size))
+        peers = [(sid, next(ports), next(ports), next(ports)) for sid in range(1, size + 1)]
         self.servers = [ZooKeeperServer(base_dir, sid, peers) for sid, *_ in peers]
 
     @property

@@ -149,9 +149,24 @@ class ServerFarm:
 
 def free_port() -> int:
     """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> List[int]:
+    """``n`` distinct loopback ports nobody listens on.  All are held bound until the last
+    is picked: ports picked one at a time may repeat (a ZooKeeper ensemble once got one
+    port as a server's client port and another's quorum port, and never elected a leader
+    again)."""
+    held = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in held]
+    finally:
+        for s in held:
+            s.close()
 
 
 def start_servers(farm: ServerFarm, n: int, **kwargs: Any) -> List[EchoServer]:

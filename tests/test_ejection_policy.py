@@ -9,7 +9,7 @@ from thriftpy2.thrift import TApplicationException
 import thriftpool
 
 from consistency import assert_consistent
-from servers import wait_for
+from servers import free_ports, wait_for
 
 pytestmark = [pytest.mark.usefixtures("no_thread_leak"), pytest.mark.timeout(40),
               pytest.mark.consistent]
@@ -45,9 +45,7 @@ def test_failing_calls_eject_at_most_max_ejection_percent(farm, make_pool, fault
 
 
 def test_connect_failures_are_not_capped(make_pool):
-    from servers import free_port
-
-    addresses = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(3)]
     pool = make_pool(addresses, min_size=0, max_ejection_percent=50, backoff_initial=30)
     with pytest.raises(thriftpool.NoAvailableInstance):
         pool.client().echo("x")

@@ -22,7 +22,7 @@ from thriftpy2.transport.buffered import TBufferedTransport
 from thriftpy2.transport.socket import TSocket
 
 import thriftpool
-from servers import echo_thrift, free_port, wait_for
+from servers import echo_thrift, free_ports, wait_for
 
 #: Every pool these tests build must end consistent (tests/consistency.py).
 pytestmark = [pytest.mark.usefixtures("no_thread_leak"), pytest.mark.consistent]
@@ -551,7 +551,7 @@ def test_killed_instance_is_skipped_and_restored(farm, make_pool):
 
 @pytest.mark.timeout(20)
 def test_no_available_instance_when_nothing_listens(make_pool):
-    addresses = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(3)]
     pool = make_pool(addresses, min_size=0, backoff_initial=5)
     started = time.monotonic()
     for _ in range(3):

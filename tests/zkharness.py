@@ -37,6 +37,8 @@ from kazoo.client import KazooClient
 from kazoo.protocol.connection import _SESSION_EXPIRED
 from kazoo.protocol.states import KazooState
 
+from servers import free_port, free_ports
+
 ZOOKEEPER_JAR = os.environ.get("ZOOKEEPER_JAR", "/usr/share/java/zookeeper.jar")
 SLF4J_SIMPLE_JAR = "/usr/share/java/slf4j-simple.jar"
 MAIN_CLASS = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
@@ -45,26 +47,6 @@ TICK_MS = 500
 ZK_FIXTURES = ("zk", "zk_server", "zk_private", "zk_ensemble")
 
 _counter = itertools.count(1)
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(n: int) -> List[int]:
-    """``n`` distinct loopback ports nobody listens on.  All are held bound until the last
-    is picked: ports picked one at a time may repeat (an ensemble once got one port as a
-    server's client port and another's quorum port, and never elected a leader again)."""
-    held = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            held.append(s)
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in held]
-    finally:
-        for s in held:
-            s.close()
 
 
 def _java() -> str:

@@ -255,24 +255,6 @@ def test_a_hung_resolver_is_bounded_by_connect_timeout(apache, monkeypatch):
 
 
 @pytest.mark.timeout(30)
-def test_all_addresses_failing_is_one_connect_failure(apache, monkeypatch):
-    dead = []
-    for _ in range(2):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        dead.append(s.getsockname()[1])
-        s.close()
-    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [
-        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", p)) for p in dead])
-    config = thriftpool.PoolConfig.build(service=apache.service, connect_timeout=1.0)
-    with pytest.raises(apache.TTransportException) as info:
-        Connection.open(Address("gone.example", dead[0]), config)
-    assert is_connect_error(info.value)
-    assert "tried 2 addresses" in str(info.value)
-    assert isinstance(info.value.__cause__.__cause__, ConnectionRefusedError)
-
-
-@pytest.mark.timeout(30)
 def test_an_invalid_host_is_a_connect_failure(apache):
     config = thriftpool.PoolConfig.build(service=apache.service, connect_timeout=1.0)
     with pytest.raises(apache.TTransportException) as info:

@@ -8,6 +8,7 @@ speak the binary and compact wire, which is the same for both stacks."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 import threading
@@ -31,19 +32,10 @@ SOCKET_TIMEOUT = 1.0
 
 
 @pytest.fixture
-def pools(apache):
-    """``pools(addresses, **options)``: pools of the Apache service, closed at teardown."""
-    made = []
-
-    def make(discovery, **options):
-        options.setdefault("name", "test")
-        pool = thriftpool.ThriftPool(apache.service, discovery, **options)
-        made.append(pool)
-        return pool
-
-    yield make
-    for pool in made:
-        pool.close()
+def pools(apache, make_pool):
+    """``pools(addresses, **options)``: pools of the Apache service (``make_pool``'s, so
+    closed at teardown)."""
+    return functools.partial(make_pool, service=apache.service)
 
 
 def _open(apache, address: str, **options):

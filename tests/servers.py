@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import thriftpy2
 
@@ -195,11 +195,15 @@ def start_servers(farm: ServerFarm, n: int, **kwargs: Any) -> List[EchoServer]:
 
 class CannedServer:
     """Answers the first request of its first connection with fixed bytes (one at a time,
-    ``gap`` seconds apart, when ``gap`` is set), then reads until the client hangs up
+    ``gap`` seconds apart, when ``gap`` is set; or, given a list of parts, each part
+    ``gap`` seconds after the one before), then reads until the client hangs up
     (``closed`` is set then).  For replies no Thrift server would send."""
 
-    def __init__(self, reply: bytes, gap: float = 0.0) -> None:
-        self.reply = reply
+    def __init__(self, reply: Union[bytes, Sequence[bytes]], gap: float = 0.0) -> None:
+        if isinstance(reply, bytes):
+            self.parts = [reply[i:i + 1] for i in range(len(reply))] if gap else [reply]
+        else:
+            self.parts = list(reply)
         self.gap = gap
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -220,12 +224,10 @@ class CannedServer:
             try:
                 conn.settimeout(10)
                 conn.recv(65536)
-                if self.gap:
-                    for i in range(len(self.reply)):
-                        conn.sendall(self.reply[i:i + 1])
+                for i, part in enumerate(self.parts):
+                    if i:
                         time.sleep(self.gap)
-                else:
-                    conn.sendall(self.reply)
+                    conn.sendall(part)
                 while conn.recv(65536):
                     pass
             except OSError:

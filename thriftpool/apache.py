@@ -46,6 +46,7 @@ import socket
 import ssl
 import struct
 import sys
+from io import BytesIO
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, Type
 
@@ -229,6 +230,61 @@ class PoolSocket(WireBounds, TSocket):  # type: ignore[misc]
             conn.sent = False
         error: Exception = TTransportException(TTransportException.NOT_OPEN, message)
         return error
+
+
+class _PoolBuffered(TBufferedTransport):  # type: ignore[misc]
+    """Apache's ``TBufferedTransport``, the same bytes, with its read buffer a plain
+    attribute: a pooled call (see :func:`_pooled_method`) reads a reply's header from it
+    and hands it to the C decoder without a Python call in between (Apache's keeps it
+    private, behind a property)."""
+
+    cstringio_buf: Any = None  # instead of the base class's property
+
+    def __init__(self, trans: PoolSocket, rbuf_size: int = TBufferedTransport.DEFAULT_BUFFER
+                 ) -> None:
+        self._trans = trans
+        self._wbuf = BytesIO()
+        self.cstringio_buf = BytesIO(b"")
+        self._rbuf_size = rbuf_size
+
+    def isOpen(self) -> bool:
+        return self._trans.isOpen()
+
+    def open(self) -> None:
+        self._trans.open()
+
+    def close(self) -> None:
+        self._trans.close()
+
+    def read(self, sz: int) -> bytes:
+        ret: bytes = self.cstringio_buf.read(sz)
+        if ret:
+            return ret
+        self.cstringio_buf = BytesIO(self._trans.read(max(sz, self._rbuf_size)))
+        ret = self.cstringio_buf.read(sz)
+        return ret
+
+    def write(self, buf: bytes) -> None:
+        try:
+            self._wbuf.write(buf)
+        except BaseException:
+            self._wbuf = BytesIO()  # no half request left for the next call
+            raise
+
+    def flush(self) -> None:
+        out = self._wbuf.getvalue()
+        self._wbuf = BytesIO()
+        self._trans.write(out)
+        self._trans.flush()
+
+    def cstringio_refill(self, partialread: bytes, reqlen: int) -> BytesIO:
+        data = partialread
+        if reqlen < self._rbuf_size:
+            data += self._trans.read(self._rbuf_size)
+        if len(data) < reqlen:
+            data += self._trans.readAll(reqlen - len(data))
+        self.cstringio_buf = buf = BytesIO(data)
+        return buf
 
 
 def _connect(address: "Address", config: "PoolConfig", tls_required: bool,
@@ -429,6 +485,10 @@ def open_connection(cls: Type["Connection"], address: "Address", config: "PoolCo
     tsock = PoolSocket(sock, address)
     try:
         transport = config.transport_factory.getTransport(tsock)
+        if type(transport) is TBufferedTransport:
+            transport = _PoolBuffered(
+                tsock, getattr(transport, "_TBufferedTransport__rbuf_size",
+                               TBufferedTransport.DEFAULT_BUFFER))
         protocol = _number(config.protocol_factory.getProtocol(transport), config)
         # THeader replies come in frames whatever transport is under them.
         framed = isinstance(transport, TFramedTransport) or \
@@ -439,7 +499,7 @@ def open_connection(cls: Type["Connection"], address: "Address", config: "PoolCo
                 getattr(protocol, "_fast_encode", None) is not None:
             # The accelerated strict binary protocol over a plain buffered or framed
             # transport: the bytes a pooled call writes are known in one piece.
-            if type(transport) is TBufferedTransport:
+            if type(transport) is _PoolBuffered:
                 tsock._direct = _DIRECT_BUFFERED
             elif type(transport) is TFramedTransport:
                 tsock._direct = _DIRECT_FRAMED
@@ -649,6 +709,8 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool,
     errors = shape.errors if shape is not None else ()
     missing = f"{name} failed: unknown result"
     head = _strict_head(name, call_type)
+    reply_head = _strict_head(name, _REPLY)
+    reply_len = len(reply_head) + 4
     encode_spec = [args_cls, getattr(args_cls, "thrift_spec", None)]
     decode_spec = [result_cls, getattr(result_cls, "thrift_spec", None)]
 
@@ -713,7 +775,23 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool,
                 if oneway:
                     conn.in_call = False
                     return None
-                mtype = iprot.readMessageBegin()[1]
+                if direct == _DIRECT_BUFFERED:
+                    # The reply's header read here, from what the transport holds (normally
+                    # nothing) or one read: when it is this call's reply header, whole,
+                    # the C decoder takes the rest from the same buffer.  Anything else
+                    # (an exception, a stale or short reply) goes through readMessageBegin.
+                    trans = iprot.trans
+                    data = trans.cstringio_buf.read() or tsock.read(trans._rbuf_size)
+                    buf = BytesIO(data)
+                    trans.cstringio_buf = buf
+                    if len(data) >= reply_len and data.startswith(reply_head) and \
+                            _I32.unpack_from(data, reply_len - 4)[0] == seqid:
+                        buf.seek(reply_len)
+                        mtype = _REPLY
+                    else:
+                        mtype = iprot.readMessageBegin()[1]
+                else:
+                    mtype = iprot.readMessageBegin()[1]
                 if mtype == _EXCEPTION:
                     x = TApplicationException()
                     x.read(iprot)

@@ -64,6 +64,7 @@ class FakeConnection:
         self.dead = False
         self.closes = 0
         self.protocol = None  # no call is ever made on it
+        self.idle_poll = None  # the checkout calls peer_closed() (and its hook)
 
     def peer_closed(self) -> bool:
         self.hooks.fire("peer_closed")

@@ -395,7 +395,10 @@ class Checkout:
                 if conn is not None:
                     # (Router._usable, inlined: this is the hot path.)
                     try:
-                        dead = conn.peer_closed()
+                        poll = conn.idle_poll
+                        dead = bool(poll(0)) if poll is not None else conn.peer_closed()
+                    except (OSError, ValueError):  # as peer_closed() answers them
+                        dead = True
                     except BaseException:
                         router.checkin_discard(picked, conn, "interrupted")
                         raise

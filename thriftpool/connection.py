@@ -1047,8 +1047,8 @@ class Connection:
 
     __slots__ = ("address", "socket", "transport", "protocol", "created_at", "expires_at",
                  "idle_since", "seqid", "in_call", "sent", "detached", "timeout", "timeouts",
-                 "_poller", "_fd", "_tls", "uses", "last_beat", "gen", "out_at", "out_thread",
-                 "out_stack", "leak_reported", "failed_calls")
+                 "_poller", "idle_poll", "_fd", "_tls", "uses", "last_beat", "gen", "out_at",
+                 "out_thread", "out_stack", "leak_reported", "failed_calls")
 
     def __init__(self, address: Address, tsocket: BoundedTSocket, transport: Any,
                  protocol: Any, created_at: float, expires_at: float,
@@ -1083,11 +1083,16 @@ class Connection:
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._fd = sock.fileno() if sock is not None else -1
         self._poller: Any = None
+        #: ``poll(0)`` of the socket, when that alone is :meth:`peer_closed` (a plain socket
+        #: with a poll object): a checkout calls it directly, one Python call less.
+        self.idle_poll: Optional[Callable[[int], List[Any]]] = None
         if _compat.has_poll() and self._fd >= 0:
             # One poll object per connection: a poll object is not safe to share between
             # threads, and select.select() fails for descriptors >= 1024.
             self._poller = select.poll()
             self._poller.register(self._fd, _POLL_READABLE)
+            if not self._tls:
+                self.idle_poll = self._poller.poll
 
     @classmethod
     def open(cls, address: Address, config: "PoolConfig", tls_required: bool = False,
@@ -1234,7 +1239,7 @@ class Connection:
 
     def close(self) -> None:
         """Shut the socket down and close it; never raises."""
-        self._poller = None
+        self._poller = self.idle_poll = None
         try:
             self.transport.close()
         except Exception:
@@ -1249,7 +1254,7 @@ class Connection:
         The descriptor is closed in this process only; the connection it shares with the
         parent stays open there and nothing is written to it.
         """
-        self._poller = None
+        self._poller = self.idle_poll = None
         self.detached = True
         sock = self.socket.sock
         self.socket.sock = None

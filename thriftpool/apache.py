@@ -29,7 +29,10 @@ of the module's ``Client``, so code keeps its types) and four things are put aro
   against ``max_message_size`` before anything is read for them, a TLS session refused
   at its first read as ``TTransportException(NOT_OPEN)`` with the request not sent, the
   sent flag raised when the request was flushed, and none of ``TSocket.open()``'s
-  logging;
+  logging; over it, in place of Apache's ``TBufferedTransport``, :class:`_PoolBuffered`
+  (the same bytes, its read buffer a plain attribute, so that over the accelerated
+  binary protocol a pooled call checks the reply's header in the buffer and hands the
+  rest to the C decoder);
 - a released client's protocols, replaced by an object that raises
   :class:`~thriftpool.ClientReleased` on any use.
 

@@ -95,20 +95,31 @@ def test_keyboard_interrupt_while_waiting(farm, make_pool):
     assert_consistent(pool, servers=[server])
 
 
-def test_keyboard_interrupt_during_the_liveness_check(farm, make_pool, monkeypatch):
+@pytest.mark.parametrize("check", ["poll", "peer_closed"])
+def test_keyboard_interrupt_during_the_liveness_check(farm, make_pool, monkeypatch, check):
+    # A plain socket's check is its poll(0), called by the checkout itself; TLS sockets
+    # and platforms without poll take Connection.peer_closed().
     server = farm.one()
     pool = make_pool([server.address], max_size=2, min_size=0)
     with pool.checkout() as client:
         client.echo("warm")
-    original = Connection.peer_closed
     slow = threading.Event()
 
-    def slow_check(self):
-        if slow.is_set() and threading.current_thread() is threading.main_thread():
-            time.sleep(1.0)  # the timer's KeyboardInterrupt lands in here
-        return original(self)
+    def slowly(check):
+        def slow_check(*args):
+            if slow.is_set() and threading.current_thread() is threading.main_thread():
+                time.sleep(1.0)  # the timer's KeyboardInterrupt lands in here
+            return check(*args)
+        return slow_check
 
-    monkeypatch.setattr(Connection, "peer_closed", slow_check)
+    (inst,) = pool._state.instances.values()
+    (conn,) = inst.idle
+    if check == "poll":
+        assert conn.idle_poll is not None
+        conn.idle_poll = slowly(conn.idle_poll)
+    else:
+        conn.idle_poll = None
+        monkeypatch.setattr(Connection, "peer_closed", slowly(Connection.peer_closed))
     slow.set()
     with pytest.raises(KeyboardInterrupt):
         with keyboard_interrupt_after(0.1):

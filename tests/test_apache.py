@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import time
@@ -522,51 +523,65 @@ def test_fork_child_uses_its_own_sockets_and_a_checked_out_client_is_dead(apache
 
 
 
-def _reply_parts(reply: bytes, how: str):
-    header = 4 + 4 + len("echo") + 4
+def _reply_parts(reply: bytes, how: str, framed: bool):
+    if framed:
+        reply = struct.pack("!i", len(reply)) + reply
+    header = (4 if framed else 0) + 4 + 4 + len("echo") + 4
     return {"whole": [reply], "header, then the rest": [reply[:header], reply[header:]],
             "a byte at a time": [reply[i:i + 1] for i in range(len(reply))],
             "then bytes nobody asked for": [reply + reply]}[how]
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("transport", ["buffered", "framed"])
 @pytest.mark.parametrize("how, size", [("whole", 10), ("whole", 20000),
                                        ("header, then the rest", 10),
                                        ("header, then the rest", 20000),
                                        ("a byte at a time", 10),
                                        ("then bytes nobody asked for", 10)])
-def test_a_buffered_reply_is_read_whole_however_it_arrives(apache, pools, monkeypatch, how,
-                                                           size):
-    # Over the accelerated binary protocol and the buffered transport the pooled call
-    # reads the reply's header itself and hands the rest to the C decoder; a reply whose
-    # header is not whole in the first read takes the protocol's readMessageBegin.
+def test_a_reply_is_read_whole_however_it_arrives(apache, pools, monkeypatch, how, size,
+                                                  transport):
+    # Over the accelerated binary protocol and a buffered or framed transport the pooled
+    # call reads the reply's header itself and hands the rest to the C decoder.  A
+    # buffered reply whose header is not whole in the first read takes the protocol's
+    # readMessageBegin; a framed one is read up to its frame's end first.
     from thrift.Thrift import TMessageType
 
     from thriftpool.apache import _StrictBinary
 
     value = "v" * size
-    parts = _reply_parts(_reply(apache, TMessageType.REPLY, value), how)
+    framed = transport == "framed"
+    parts = _reply_parts(_reply(apache, TMessageType.REPLY, value), how, framed)
     server = CannedServer(parts, gap=0.2 if len(parts) == 2 else 0.01)
     headers = []
     real = _StrictBinary.readMessageBegin
     monkeypatch.setattr(_StrictBinary, "readMessageBegin",
                         lambda self: headers.append(1) or real(self))
+    extra = how == "then bytes nobody asked for"
     try:
-        pool = pools(apache.service, [server.address], min_size=0, max_size=1)
+        pool = pools(apache.service, [server.address], min_size=0, max_size=1,
+                     transport=transport)
         with pool.checkout() as client:
-            assert client.echo("x") == value
-            assert len(headers) == (1 if how == "a byte at a time" else 0)
-            if how == "then bytes nobody asked for":
+            if extra and framed:
+                # In the same read as the frame: more than the reply may have.
+                with pytest.raises(apache.TProtocolException) as info:
+                    client.echo("x")
+                assert info.value.type == apache.TProtocolException.INVALID_DATA
+                assert "after the reply's frame" in str(info.value)
+            else:
+                assert client.echo("x") == value
+                slow = how == "a byte at a time" and not framed
+                assert len(headers) == (1 if slow else 0)
+            if extra and not framed:
                 # Still in the transport's buffer: they are never read as an answer.
                 with pytest.raises(thriftpool.ReplyMismatch):
                     client.echo("y")
-        if how == "then bytes nobody asked for":
+        if extra:
             assert server.closed.wait(5)  # discarded
         else:
             assert pool.stats()["idle"] == 1  # kept
     finally:
         server.stop()
-
 
 # -- the whole-call deadline and replies that lie ------------------------------------------
 

@@ -29,10 +29,10 @@ of the module's ``Client``, so code keeps its types) and four things are put aro
   against ``max_message_size`` before anything is read for them, a TLS session refused
   at its first read as ``TTransportException(NOT_OPEN)`` with the request not sent, the
   sent flag raised when the request was flushed, and none of ``TSocket.open()``'s
-  logging; over it, in place of Apache's ``TBufferedTransport``, :class:`_PoolBuffered`
-  (the same bytes, its read buffer a plain attribute, so that over the accelerated
-  binary protocol a pooled call checks the reply's header in the buffer and hands the
-  rest to the C decoder);
+  logging; over it, in place of Apache's ``TBufferedTransport`` and ``TFramedTransport``,
+  :class:`_PoolBuffered` and :class:`_PoolFramed` (the same bytes, their read buffers
+  plain attributes, so that over the accelerated binary protocol a pooled call checks
+  the reply's header in the buffer and hands the rest to the C decoder);
 - a released client's protocols, replaced by an object that raises
   :class:`~thriftpool.ClientReleased` on any use.
 
@@ -103,6 +103,9 @@ _ONEWAY = TMessageType.ONEWAY
 _REPLY = TMessageType.REPLY
 _EXCEPTION = TMessageType.EXCEPTION
 _INF = float("inf")
+_I32 = struct.Struct("!i")
+#: The first read of a framed reply (the rest of a longer frame follows in one more).
+_FRAME_READ = 4096
 
 
 # -- the socket ----------------------------------------------------------------------------
@@ -290,6 +293,85 @@ class _PoolBuffered(TBufferedTransport):  # type: ignore[misc]
         return buf
 
 
+class _PoolFramed(TFramedTransport):  # type: ignore[misc]
+    """Apache's ``TFramedTransport``, the same bytes, with its read buffer a plain
+    attribute (see :class:`_PoolBuffered`); :meth:`whole_frame` reads a reply's frame in
+    one piece for a pooled call."""
+
+    cstringio_buf: Any = None  # instead of the base class's property
+
+    def __init__(self, trans: PoolSocket, max_frame_size: Optional[int] = None) -> None:
+        self._trans = trans
+        self._wbuf = BytesIO()
+        self.cstringio_buf = BytesIO(b"")
+        self._max_frame_size = max_frame_size
+
+    def isOpen(self) -> bool:
+        return self._trans.isOpen()
+
+    def open(self) -> None:
+        self._trans.open()
+
+    def close(self) -> None:
+        self._trans.close()
+
+    def read(self, sz: int) -> bytes:
+        ret: bytes = self.cstringio_buf.read(sz)
+        if ret:
+            return ret
+        self.readFrame()
+        ret = self.cstringio_buf.read(sz)
+        return ret
+
+    def readFrame(self) -> None:
+        trans = self._trans
+        size = self._frame_size(trans.readAll(4))
+        self.cstringio_buf = BytesIO(trans.readAll(size))
+
+    def whole_frame(self) -> bytes:
+        """The next frame, its 4-byte length first, in as few reads as it takes (one
+        when the frame is in the socket's buffer whole).  The first read takes up to
+        4 KiB: bytes after the frame in it raise ``TProtocolException(INVALID_DATA)``
+        (the socket's check), since no server sends anything after a reply."""
+        trans = self._trans
+        data: bytes = trans.read(_FRAME_READ)
+        if len(data) < 4:
+            data += trans.readAll(4 - len(data))
+        missing = 4 + self._frame_size(data) - len(data)
+        if missing > 0:
+            data += trans.readAll(missing)
+        return data
+
+    def _frame_size(self, head: bytes) -> int:
+        # The socket (WireBounds) has checked the size against max_message_size as the
+        # header passed; these are the checks of Apache's own transport.
+        size: int = _I32.unpack_from(head)[0]
+        if size < 0:
+            raise TTransportException(TTransportException.NEGATIVE_SIZE,
+                                      f"Read a negative frame size ({size})")
+        limit = self._max_frame_size
+        if limit is not None and size > limit:
+            raise TTransportException(TTransportException.SIZE_LIMIT,
+                                      f"Frame size ({size}) larger than the maximum ({limit})")
+        return size
+
+    def write(self, buf: bytes) -> None:
+        self._wbuf.write(buf)
+
+    def flush(self) -> None:
+        out = self._wbuf.getvalue()
+        self._wbuf = BytesIO()
+        self._trans.write(_I32.pack(len(out)) + out)
+        self._trans.flush()
+
+    def cstringio_refill(self, prefix: bytes, reqlen: int) -> BytesIO:
+        while len(prefix) < reqlen:
+            self.readFrame()
+            prefix += self.cstringio_buf.getvalue()
+        self.cstringio_buf = buf = BytesIO(prefix)
+        return buf
+
+
 def _connect(address: "Address", config: "PoolConfig", tls_required: bool,
              timeout: Optional[float]) -> Any:
     """Resolve, connect (every address in turn) and, with an ``ssl_context``, handshake,
@@ -367,7 +449,6 @@ class _NumberedNoEnd(_Numbered):
         self._conn.in_call = False
 
 
-_I32 = struct.Struct("!i")
 _VERSION_1 = TBinaryProtocol.VERSION_1
 _VERSION_MASK = TBinaryProtocol.VERSION_MASK
 #: Per (method name, message type): the strict binary message header up to the seqid.
@@ -488,10 +569,15 @@ def open_connection(cls: Type["Connection"], address: "Address", config: "PoolCo
     tsock = PoolSocket(sock, address)
     try:
         transport = config.transport_factory.getTransport(tsock)
+        # Apache's two plain transports, as thriftpool's (the same bytes; see
+        # _PoolBuffered), whose buffers a pooled call can read in place.
         if type(transport) is TBufferedTransport:
             transport = _PoolBuffered(
                 tsock, getattr(transport, "_TBufferedTransport__rbuf_size",
                                TBufferedTransport.DEFAULT_BUFFER))
+        elif type(transport) is TFramedTransport:
+            transport = _PoolFramed(
+                tsock, getattr(transport, "_TFramedTransport__max_frame_size", None))
         protocol = _number(config.protocol_factory.getProtocol(transport), config)
         # THeader replies come in frames whatever transport is under them.
         framed = isinstance(transport, TFramedTransport) or \
@@ -504,7 +590,7 @@ def open_connection(cls: Type["Connection"], address: "Address", config: "PoolCo
             # transport: the bytes a pooled call writes are known in one piece.
             if type(transport) is _PoolBuffered:
                 tsock._direct = _DIRECT_BUFFERED
-            elif type(transport) is TFramedTransport:
+            elif type(transport) is _PoolFramed:
                 tsock._direct = _DIRECT_FRAMED
     except BaseException:
         tsock.close()
@@ -778,20 +864,30 @@ def _pooled_method(name: str, func: Callable[..., Any], oneway: bool,
                 if oneway:
                     conn.in_call = False
                     return None
-                if direct == _DIRECT_BUFFERED:
+                if direct:
                     # The reply's header read here, from what the transport holds (normally
-                    # nothing) or one read: when it is this call's reply header, whole,
-                    # the C decoder takes the rest from the same buffer.  Anything else
-                    # (an exception, a stale or short reply) goes through readMessageBegin.
+                    # nothing), else one read (buffered) or the next whole frame (framed):
+                    # when it is this call's reply header, whole, the C decoder takes the
+                    # rest from the same buffer.  Anything else (an exception, a stale or
+                    # short reply) goes through readMessageBegin.
                     trans = iprot.trans
-                    data = trans.cstringio_buf.read() or tsock.read(trans._rbuf_size)
+                    data = trans.cstringio_buf.read()
+                    at = 0
+                    if not data:
+                        if direct == _DIRECT_BUFFERED:
+                            data = tsock.read(trans._rbuf_size)
+                        else:
+                            data = trans.whole_frame()
+                            at = 4
                     buf = BytesIO(data)
                     trans.cstringio_buf = buf
-                    if len(data) >= reply_len and data.startswith(reply_head) and \
-                            _I32.unpack_from(data, reply_len - 4)[0] == seqid:
-                        buf.seek(reply_len)
+                    end = at + reply_len
+                    if len(data) >= end and data.startswith(reply_head, at) and \
+                            _I32.unpack_from(data, end - 4)[0] == seqid:
+                        buf.seek(end)
                         mtype = _REPLY
                     else:
+                        buf.seek(at)
                         mtype = iprot.readMessageBegin()[1]
                 else:
                     mtype = iprot.readMessageBegin()[1]

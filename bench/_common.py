@@ -41,9 +41,9 @@ class EchoServer:
     benchmark killed half-way leaves nothing behind.
     """
 
-    def __init__(self, timeout: float = 15.0) -> None:
-        self.proc = subprocess.Popen([sys.executable, SERVER_SCRIPT], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+    def __init__(self, timeout: float = 15.0, transport: str = "buffered") -> None:
+        self.proc = subprocess.Popen([sys.executable, SERVER_SCRIPT, "--transport", transport],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line: Dict[str, str] = {}
 
         def read_ready() -> None:
@@ -81,11 +81,11 @@ def stop_process(proc: "subprocess.Popen[str]") -> None:
                 pass
 
 
-def start_servers(n: int) -> List[EchoServer]:
+def start_servers(n: int, transport: str = "buffered") -> List[EchoServer]:
     servers: List[EchoServer] = []
     try:
         for _ in range(n):
-            servers.append(EchoServer())
+            servers.append(EchoServer(transport=transport))
     except BaseException:
         for s in servers:
             s.stop()

@@ -15,7 +15,8 @@ a checkout per call adds (it includes rotating over three connections, which ``r
 too); ``held - raw`` is how much cheaper or dearer the pooled call path is than the raw
 client's.  Bounded: ``--reps`` x kinds x ``--calls`` calls.
 
-    python bench/bench_held.py               # about a minute
+    python bench/bench_held.py                       # about a minute
+    python bench/bench_held.py --transport framed    # framed servers, clients and pools
 """
 
 from __future__ import annotations
@@ -47,11 +48,11 @@ def in_thread(body: Callable[[], None]) -> Callable[[], None]:
 
 
 def kinds_for(stack: str, service: Any, raws: List[Any], addresses: List[str],
-              calls: int) -> Dict[str, Callable[[], None]]:
+              calls: int, transport: str) -> Dict[str, Callable[[], None]]:
     rotation = itertools.cycle(raws)
     pool = thriftpool.ThriftPool(service, addresses, name=f"bench-{stack}", min_size=0,
                                  max_size=1, socket_timeout=TIMEOUT_S,
-                                 checkout_timeout=TIMEOUT_S)
+                                 checkout_timeout=TIMEOUT_S, transport=transport)
 
     def raw() -> None:
         for _ in range(calls):
@@ -72,13 +73,13 @@ def kinds_for(stack: str, service: Any, raws: List[Any], addresses: List[str],
             f"{stack} held": in_thread(held)}
 
 
-def apache_clients(servers: List[Any]) -> Optional[Any]:
+def apache_clients(servers: List[Any], framed: bool) -> Optional[Any]:
     """The generated Apache module and one raw client per server, or ``None``."""
     try:
         from bench_pinned import generate_apache
         from thrift.protocol.TBinaryProtocol import TBinaryProtocolAccelerated
         from thrift.transport.TSocket import TSocket
-        from thrift.transport.TTransport import TBufferedTransport
+        from thrift.transport.TTransport import TBufferedTransport, TFramedTransport
     except ImportError:
         return None
     module, _ = generate_apache()
@@ -86,7 +87,7 @@ def apache_clients(servers: List[Any]) -> Optional[Any]:
     for s in servers:
         sock = TSocket(s.host, s.port)
         sock.setTimeout(TIMEOUT_S * 1000)
-        transport = TBufferedTransport(sock)
+        transport = TFramedTransport(sock) if framed else TBufferedTransport(sock)
         transport.open()
         clients.append(module.Client(TBinaryProtocolAccelerated(transport)))
     return module, clients
@@ -96,23 +97,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=3000, help="calls per measurement")
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--transport", choices=["buffered", "framed"], default="buffered",
+                        help="the servers', the raw clients' and the pools' transport")
     args = parser.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("needs 2 CPUs: the client on one, the servers on the other")
-    servers = start_servers(3)
+    servers = start_servers(3, args.transport)
     try:
         for s in servers:
             os.sched_setaffinity(s.proc.pid, {cpus[1]})
         os.sched_setaffinity(0, {cpus[0]})
         from thriftpy2.rpc import make_client
+        from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory
 
+        framed = args.transport == "framed"
+        factory = TFramedTransportFactory() if framed else TBufferedTransportFactory()
         addresses = [f"{s.host}:{s.port}" for s in servers]
-        raws = [make_client(Echo, s.host, s.port, timeout=TIMEOUT_S * 1000) for s in servers]
-        kinds = kinds_for("thriftpy2", Echo, raws, addresses, args.calls)
-        apache = apache_clients(servers)
+        raws = [make_client(Echo, s.host, s.port, timeout=TIMEOUT_S * 1000,
+                            trans_factory=factory) for s in servers]
+        kinds = kinds_for("thriftpy2", Echo, raws, addresses, args.calls, args.transport)
+        apache = apache_clients(servers, framed)
         if apache is not None:
-            kinds.update(kinds_for("apache", apache[0], apache[1], addresses, args.calls))
+            kinds.update(kinds_for("apache", apache[0], apache[1], addresses, args.calls,
+                                   args.transport))
         for run in kinds.values():  # warm up, and open the pools' connections
             run()
         results: Dict[str, List[float]] = {k: [] for k in kinds}
@@ -125,7 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for s in servers:
             s.stop()
     print(f"\n{machine_line()}; client on CPU {cpus[0]}, servers on CPU {cpus[1]}; "
-          f"{args.reps} reps x {args.calls} calls per kind, one thread\n")
+          f"{args.reps} reps x {args.calls} calls per kind, one thread, "
+          f"{args.transport} transport\n")
     rows = []
     for name, values in results.items():
         raw = results[name.split()[0] + " raw"]

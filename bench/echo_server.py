@@ -21,7 +21,7 @@ import threading
 import thriftpy2
 from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.thrift import TProcessor
-from thriftpy2.transport import TBufferedTransportFactory, TSocket
+from thriftpy2.transport import TBufferedTransportFactory, TFramedTransportFactory, TSocket
 
 IDL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    "idl", "echo.thrift")
@@ -80,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--backlog", type=int, default=1024)
+    parser.add_argument("--transport", choices=["buffered", "framed"], default="buffered")
     args = parser.parse_args()
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -89,7 +90,9 @@ def main() -> None:
     processor = TProcessor(echo_thrift.Echo, Handler(f"127.0.0.1:{port}"))
     threading.Thread(target=exit_when_parent_goes, daemon=True).start()
     print(f"READY {port}", flush=True)
-    accept_loop(listener, processor, TBufferedTransportFactory(), TBinaryProtocolFactory())
+    transport = (TFramedTransportFactory() if args.transport == "framed"
+                 else TBufferedTransportFactory())
+    accept_loop(listener, processor, transport, TBinaryProtocolFactory())
 
 
 if __name__ == "__main__":

@@ -491,6 +491,7 @@ _INF = float("inf")
 _SLACK = 0.001
 _RECV_MAX = 1 << 20
 _CLAIM_SLACK = 1 << 16
+_FRAME_SIZE = struct.Struct("!i")
 #: thriftpy2's TProtocolException has no DEPTH_LIMIT; Apache Thrift's value is 6.
 DEPTH_LIMIT = getattr(TProtocolException, "DEPTH_LIMIT", 6)
 _monotonic = time.monotonic
@@ -656,7 +657,17 @@ class WireBounds:
         if data:
             seen += len(data)
             self._seen = seen
-            if seen > self._room or self._frame_end == -1:
+            if self._frame_end == -1 and seen == len(data) >= 4:
+                # A framed reply's first read, holding the whole frame header (the
+                # common case; _past_room does the others and raises for bad sizes).
+                size = _FRAME_SIZE.unpack_from(data)[0]
+                limit = self._limit
+                if size <= 0 or (limit is not None and size > limit):
+                    self._frame_size(data[:4])  # raises
+                self._frame_end = self._room = room = 4 + size
+                if seen > room:
+                    self._past_room(data)
+            elif seen > self._room or self._frame_end == -1:
                 self._past_room(data)
             if self._fresh:
                 self._fresh = False

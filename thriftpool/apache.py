@@ -238,20 +238,19 @@ class PoolSocket(WireBounds, TSocket):  # type: ignore[misc]
         return error
 
 
-class _PoolBuffered(TBufferedTransport):  # type: ignore[misc]
-    """Apache's ``TBufferedTransport``, the same bytes, with its read buffer a plain
-    attribute: a pooled call (see :func:`_pooled_method`) reads a reply's header from it
-    and hands it to the C decoder without a Python call in between (Apache's keeps it
-    private, behind a property)."""
+class _InPlace:
+    """What thriftpool's versions of Apache's two plain transports share: the socket, a
+    write buffer, and the read buffer as a plain attribute, so that a pooled call (see
+    :func:`_pooled_method`) reads a reply's header from it and hands the rest to the C
+    decoder without a Python call in between (Apache's keep it private, behind the
+    ``cstringio_buf`` property)."""
 
-    cstringio_buf: Any = None  # instead of the base class's property
+    cstringio_buf: Any = None  # instead of the Apache class's property
 
-    def __init__(self, trans: PoolSocket, rbuf_size: int = TBufferedTransport.DEFAULT_BUFFER
-                 ) -> None:
+    def __init__(self, trans: PoolSocket) -> None:
         self._trans = trans
         self._wbuf = BytesIO()
         self.cstringio_buf = BytesIO(b"")
-        self._rbuf_size = rbuf_size
 
     def isOpen(self) -> bool:
         return self._trans.isOpen()
@@ -261,6 +260,16 @@ class _PoolBuffered(TBufferedTransport):  # type: ignore[misc]
 
     def close(self) -> None:
         self._trans.close()
+
+
+class _PoolBuffered(_InPlace, TBufferedTransport):  # type: ignore[misc]
+    """Apache's ``TBufferedTransport``, the same bytes, its read buffer in place (see
+    :class:`_InPlace`)."""
+
+    def __init__(self, trans: PoolSocket, rbuf_size: int = TBufferedTransport.DEFAULT_BUFFER
+                 ) -> None:
+        super().__init__(trans)
+        self._rbuf_size = rbuf_size
 
     def read(self, sz: int) -> bytes:
         ret: bytes = self.cstringio_buf.read(sz)
@@ -293,27 +302,14 @@ class _PoolBuffered(TBufferedTransport):  # type: ignore[misc]
         return buf
 
 
-class _PoolFramed(TFramedTransport):  # type: ignore[misc]
-    """Apache's ``TFramedTransport``, the same bytes, with its read buffer a plain
-    attribute (see :class:`_PoolBuffered`); :meth:`whole_frame` reads a reply's frame in
-    one piece for a pooled call."""
-
-    cstringio_buf: Any = None  # instead of the base class's property
+class _PoolFramed(_InPlace, TFramedTransport):  # type: ignore[misc]
+    """Apache's ``TFramedTransport``, the same bytes and checks, its read buffer in place
+    (see :class:`_InPlace`); :meth:`whole_frame` reads a reply's frame in one piece for
+    a pooled call."""
 
     def __init__(self, trans: PoolSocket, max_frame_size: Optional[int] = None) -> None:
-        self._trans = trans
-        self._wbuf = BytesIO()
-        self.cstringio_buf = BytesIO(b"")
+        super().__init__(trans)
         self._max_frame_size = max_frame_size
-
-    def isOpen(self) -> bool:
-        return self._trans.isOpen()
-
-    def open(self) -> None:
-        self._trans.open()
-
-    def close(self) -> None:
-        self._trans.close()
 
     def read(self, sz: int) -> bytes:
         ret: bytes = self.cstringio_buf.read(sz)

@@ -261,6 +261,17 @@ class _InPlace:
     def close(self) -> None:
         self._trans.close()
 
+    def read(self, sz: int) -> bytes:
+        ret: bytes = self.cstringio_buf.read(sz)
+        if ret:
+            return ret
+        self._fill(sz)  # the buffer is empty: the next chunk, or the next frame
+        ret = self.cstringio_buf.read(sz)
+        return ret
+
+    def _fill(self, sz: int) -> None:
+        raise NotImplementedError
+
 
 class _PoolBuffered(_InPlace, TBufferedTransport):  # type: ignore[misc]
     """Apache's ``TBufferedTransport``, the same bytes, its read buffer in place (see
@@ -271,13 +282,8 @@ class _PoolBuffered(_InPlace, TBufferedTransport):  # type: ignore[misc]
         super().__init__(trans)
         self._rbuf_size = rbuf_size
 
-    def read(self, sz: int) -> bytes:
-        ret: bytes = self.cstringio_buf.read(sz)
-        if ret:
-            return ret
+    def _fill(self, sz: int) -> None:
         self.cstringio_buf = BytesIO(self._trans.read(max(sz, self._rbuf_size)))
-        ret = self.cstringio_buf.read(sz)
-        return ret
 
     def write(self, buf: bytes) -> None:
         try:
@@ -311,13 +317,8 @@ class _PoolFramed(_InPlace, TFramedTransport):  # type: ignore[misc]
         super().__init__(trans)
         self._max_frame_size = max_frame_size
 
-    def read(self, sz: int) -> bytes:
-        ret: bytes = self.cstringio_buf.read(sz)
-        if ret:
-            return ret
+    def _fill(self, sz: int) -> None:
         self.readFrame()
-        ret = self.cstringio_buf.read(sz)
-        return ret
 
     def readFrame(self) -> None:
         trans = self._trans
